@@ -1,0 +1,1 @@
+//! The target disk: opening it, keeping saved partitions, writing and reading back.

@@ -1,0 +1,12 @@
+//! reimage-agent: streams, verifies and writes an OS image to a disk while
+//! keeping its local-storage partitions, and (in the daemon) drives that
+//! under the node's task policies.
+//!
+//! The pipeline reads as its diagram, see [`pipeline::write_image`]:
+//! `source → decode → hash → sink → verify`.
+
+pub mod disk;
+pub mod error;
+pub mod image;
+
+pub use error::{Error, Result};

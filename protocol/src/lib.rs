@@ -1,0 +1,1 @@
+//! Wire types shared by `reimage-agent` and `reimagectl`.
