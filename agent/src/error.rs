@@ -117,14 +117,10 @@ impl Error {
     /// Recovers a typed error that crossed an `io` boundary, or classifies a
     /// plain one: an unexpected EOF means the stream was cut short.
     pub fn from_io(err: io::Error, context: &str) -> Self {
-        if err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-            if let Some(inner) = err.into_inner()
-                && let Ok(typed) = inner.downcast::<Error>()
-            {
-                return *typed;
-            }
-            unreachable!("checked that the inner error is an Error");
-        }
+        let err = match err.downcast::<Error>() {
+            Ok(typed) => return typed,
+            Err(plain) => plain,
+        };
         match err.kind() {
             io::ErrorKind::UnexpectedEof => Error::ImageTruncated(format!("{context}: {err}")),
             _ => Error::io(context, err),
