@@ -1,0 +1,65 @@
+//! The image manifest (`*.manifest.json`): what an image is and how to check it.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// How an image is encoded on the wire. The agent detects it from the magic
+/// bytes; a manifest that names another format is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Gzip,
+    Xz,
+    Zstd,
+}
+
+impl ImageFormat {
+    /// The name used in manifests and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Gzip => "gzip",
+            ImageFormat::Xz => "xz",
+            ImageFormat::Zstd => "zstd",
+        }
+    }
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{"name", "url", "format", "size", "sha256"}`: `size` and `sha256` are
+/// those of the raw (decoded) image; `url` may be relative to the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageManifest {
+    pub name: String,
+    pub url: String,
+    pub format: ImageFormat,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_round_trips_with_the_contract_field_names() {
+        let text = r#"{"name":"debian-13","url":"debian-13.img.zst","format":"zstd","size":4096,"sha256":"ab"}"#;
+        let manifest: ImageManifest = serde_json::from_str(text).expect("valid manifest");
+        assert_eq!(manifest.format, ImageFormat::Zstd);
+        assert_eq!(serde_json::to_string(&manifest).expect("serialises"), text);
+    }
+
+    #[test]
+    fn unknown_manifest_fields_are_refused() {
+        let text = r#"{"name":"x","url":"x","format":"raw","size":1,"sha256":"ab","sha1":"cd"}"#;
+        let err = serde_json::from_str::<ImageManifest>(text).expect_err("unknown field");
+        assert!(err.to_string().contains("sha1"), "{err}");
+    }
+}

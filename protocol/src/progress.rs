@@ -1,0 +1,52 @@
+//! Progress of a write, as shown by `--progress-fd` and in operations.
+
+use serde::{Deserialize, Serialize};
+
+/// The phases an operation goes through, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    WaitingForTasks,
+    WaitingForRetention,
+    /// Streaming, decoding, hashing and writing the image.
+    Downloading,
+    /// Reading back what was written and comparing it.
+    Verifying,
+    /// Writing the merged partition table that keeps the saved partitions.
+    SavingPartitions,
+    Rebooting,
+    Confirming,
+    /// The write finished and verified.
+    Done,
+}
+
+/// One progress report: `{"phase","bytesWritten","totalBytes","bytesPerSecond"}`.
+/// During `verifying`, `bytesWritten` counts the bytes read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteProgress {
+    pub phase: Phase,
+    pub bytes_written: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    pub bytes_per_second: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_camel_case_json() {
+        let progress = WriteProgress {
+            phase: Phase::SavingPartitions,
+            bytes_written: 10,
+            total_bytes: Some(20),
+            bytes_per_second: 5,
+        };
+        assert_eq!(
+            serde_json::to_string(&progress).expect("serialises"),
+            r#"{"phase":"savingPartitions","bytesWritten":10,"totalBytes":20,"bytesPerSecond":5}"#
+        );
+    }
+}
