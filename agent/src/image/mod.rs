@@ -1,1 +1,3 @@
 //! Where images come from and how they are decoded and checked.
+
+pub mod http;
