@@ -1,7 +1,14 @@
 //! The target disk: opening it, keeping saved partitions, writing and reading back.
 
+pub mod aligned;
+pub mod busy;
+pub mod device;
 pub mod gpt;
 pub mod saved;
+
+pub use aligned::{ALIGNMENT, AlignedBuf};
+pub use busy::check_not_busy;
+pub use device::{Target, TargetKind};
 
 /// The first bytes of the image are held back and written last: until they
 /// are, the disk's partition table points only at the saved partitions, so
