@@ -8,5 +8,8 @@
 pub mod disk;
 pub mod error;
 pub mod image;
+pub mod pipeline;
+pub mod progress;
+pub mod reboot;
 
 pub use error::{Error, Result};

@@ -1,3 +1,7 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: the real binaries, test disks
+//! and images, loop devices, and a fault-injecting HTTP server.
 
+pub mod bin;
 pub mod http_server;
+pub mod images;
+pub mod loopdev;

@@ -91,7 +91,7 @@ impl fmt::Debug for AlignedBuf {
 
 /// Whether `data` starts at an [`ALIGNMENT`] boundary in memory.
 pub(crate) fn is_aligned(data: &[u8]) -> bool {
-    data.as_ptr().addr() % ALIGNMENT == 0
+    data.as_ptr().addr().is_multiple_of(ALIGNMENT)
 }
 
 #[cfg(test)]

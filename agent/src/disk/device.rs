@@ -489,7 +489,8 @@ impl Target {
             return self.primary.read_exact_at(data, offset);
         }
         let end = offset + data.len() as u64;
-        if offset % ALIGN == 0 && data.len() % ALIGNMENT == 0 && is_aligned(data) {
+        if offset.is_multiple_of(ALIGN) && data.len().is_multiple_of(ALIGNMENT) && is_aligned(data)
+        {
             let got = read_direct_up_to(&self.primary, data, offset)?;
             return ensure_read(got == data.len(), offset + got as u64, end);
         }

@@ -36,6 +36,16 @@ impl TableSectors {
         runs
     }
 
+    /// The sectors rendered, by LBA.
+    pub fn lbas(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sectors.keys().copied()
+    }
+
+    /// Whether sector `lba` is part of the table.
+    pub fn contains(&self, lba: u64) -> bool {
+        self.sectors.contains_key(&lba)
+    }
+
     /// Copies the rendered sectors that fall inside `head` (which holds the
     /// disk's first bytes) into it and returns the runs that lie beyond it.
     pub fn overlay_head(&self, head: &mut Vec<u8>) -> Vec<(u64, Vec<u8>)> {
@@ -142,7 +152,10 @@ impl Seek for SparseDisk {
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
         self.pos = target.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the disk")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )
         })?;
         Ok(self.pos)
     }
@@ -192,7 +205,21 @@ pub fn random_guid() -> Result<[u8; 16]> {
 pub fn format_guid(g: &[u8; 16]) -> String {
     format!(
         "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
+        g[3],
+        g[2],
+        g[1],
+        g[0],
+        g[5],
+        g[4],
+        g[7],
+        g[6],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
         g[15]
     )
 }
@@ -220,7 +247,11 @@ mod tests {
         assert_eq!(runs.len(), 2, "one run at the start, one at the end");
         assert_eq!(runs[0].0, 0);
         let (last_offset, last) = runs.last().expect("backup run");
-        assert_eq!(last_offset + last.len() as u64, 64 * MIB, "backup ends the disk");
+        assert_eq!(
+            last_offset + last.len() as u64,
+            64 * MIB,
+            "backup ends the disk"
+        );
 
         let mut image = vec![0u8; (64 * MIB) as usize];
         for (offset, bytes) in &runs {

@@ -225,7 +225,11 @@ impl SavedPartitions {
                         entry.partition_name.as_str(),
                         entry.starting_lba,
                         entry.ending_lba,
-                        if overlaps { "overlaps" } else { "has the GUID of" },
+                        if overlaps {
+                            "overlaps"
+                        } else {
+                            "has the GUID of"
+                        },
                         saved.describe(self.sector_size)
                     )));
                 }
@@ -348,7 +352,11 @@ mod tests {
         let blank = vec![0u8; MIB as usize];
         let err = find(&blank, &spec(&["local-storage"], &[])).expect_err("no GPT");
         assert!(err.to_string().contains("no GPT"), "{err}");
-        assert!(find(&blank, &SaveSpec::default()).expect("nothing asked").is_empty());
+        assert!(
+            find(&blank, &SaveSpec::default())
+                .expect("nothing asked")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -374,7 +382,11 @@ mod tests {
             .expect("image has a GPT");
         apply(&mut disk, &sectors);
         let merged = GPT::read_from(&mut Cursor::new(&disk), 512).expect("valid table");
-        assert_eq!(merged.header.backup_lba, DISK / 512 - 1, "backup at the disk's end");
+        assert_eq!(
+            merged.header.backup_lba,
+            DISK / 512 - 1,
+            "backup at the disk's end"
+        );
         assert_eq!(merged[1].partition_name.as_str(), "efi");
         assert_eq!(merged[2].partition_name.as_str(), "root");
         let kept = merged
@@ -393,7 +405,10 @@ mod tests {
         let mut image = disk_with(16 * MIB, &[(1, entry(2048, 4095, "efi", 11))]);
         image[..446].fill(0xeb);
         let mut head = image[..MIB as usize].to_vec();
-        let sectors = saved.merge_with_image(&head, DISK).expect("ok").expect("gpt");
+        let sectors = saved
+            .merge_with_image(&head, DISK)
+            .expect("ok")
+            .expect("gpt");
         let beyond = sectors.overlay_head(&mut head);
         assert_eq!(&head[..446], &[0xeb; 446]);
         assert_eq!(head[450], 0xee, "protective MBR partition type");
@@ -444,7 +459,9 @@ mod tests {
                 (2, entry(4096, 8191, "root", 12)),
             ],
         );
-        let sectors = saved.merge_with_image(&image[..MIB as usize], DISK).expect("ok");
+        let sectors = saved
+            .merge_with_image(&image[..MIB as usize], DISK)
+            .expect("ok");
         apply(&mut disk, &sectors.expect("gpt"));
         let merged = GPT::read_from(&mut Cursor::new(&disk), 512).expect("valid");
         assert_eq!(merged[2].partition_name.as_str(), "root");
@@ -455,10 +472,17 @@ mod tests {
     fn an_image_without_a_gpt_cannot_carry_saved_partitions() {
         let raw_image = vec![0x42u8; MIB as usize];
         let saved = find(&target(), &spec(&["local-storage"], &[])).expect("found");
-        let err = saved.merge_with_image(&raw_image, DISK).expect_err("no GPT");
+        let err = saved
+            .merge_with_image(&raw_image, DISK)
+            .expect_err("no GPT");
         assert_eq!(err.code(), "PartitionTableInvalid");
         let nothing = find(&target(), &SaveSpec::default()).expect("empty");
-        assert!(nothing.merge_with_image(&raw_image, DISK).expect("ok").is_none());
+        assert!(
+            nothing
+                .merge_with_image(&raw_image, DISK)
+                .expect("ok")
+                .is_none()
+        );
     }
 
     #[test]

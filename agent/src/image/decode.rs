@@ -239,7 +239,8 @@ mod tests {
         match format {
             ImageFormat::Raw => data.to_vec(),
             ImageFormat::Gzip => {
-                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 enc.write_all(data).expect("gzip");
                 enc.finish().expect("gzip")
             }

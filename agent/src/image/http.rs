@@ -261,10 +261,10 @@ impl HttpSource {
         }
         // A server that ignores If-Range may still send another version's
         // range; its ETag, when present, gives it away.
-        if let (Validator::ETag(_), Some(_)) = (validator, headers.get(ETAG)) {
-            if !validator.matches(headers) {
-                return Err(Failure::Fatal(self.changed()));
-            }
+        if let (Validator::ETag(_), Some(_)) = (validator, headers.get(ETAG))
+            && !validator.matches(headers)
+        {
+            return Err(Failure::Fatal(self.changed()));
         }
         Ok(())
     }

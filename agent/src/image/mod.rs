@@ -2,3 +2,8 @@
 
 pub mod decode;
 pub mod http;
+pub mod inspect;
+pub mod manifest;
+pub mod pack;
+pub mod source;
+pub mod stream;

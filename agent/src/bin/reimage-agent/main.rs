@@ -1,0 +1,45 @@
+//! `reimage-agent`: the daemon and the lab commands (a thin layer over the
+//! library; flags are documented where they are defined).
+
+mod display;
+mod image_cmd;
+mod write_cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reimage-agent",
+    version,
+    about = "Reimage this host: stream, verify and write an OS image while keeping the local-storage partitions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write an image to a disk or file once (lab one-shot of the reimage pipeline).
+    Write(write_cmd::WriteArgs),
+    /// Pack, inspect and check images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    display::init_logging();
+    let result = match cli.command {
+        Command::Write(args) => write_cmd::run(args),
+        Command::Image(command) => image_cmd::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", display::error_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}

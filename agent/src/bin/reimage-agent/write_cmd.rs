@@ -1,0 +1,99 @@
+//! `reimage-agent write`: the reimage pipeline, once, from the command line.
+
+use crate::display::ProgressOutput;
+use anyhow::Context;
+use clap::Args;
+use reimage_agent::disk::saved::SaveSpec;
+use reimage_agent::image::http::HttpOptions;
+use reimage_agent::pipeline::{self, ImageRequest, WriteRequest};
+use reimage_agent::reboot::{self, RebootMethod};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// Image to write: an http(s) URL or a local path (raw, gzip, xz or zstd,
+    /// detected from its first bytes). May be omitted with --manifest.
+    #[arg(long, value_name = "URL|PATH")]
+    image: Option<String>,
+    /// Disk (block device) or regular file to write.
+    #[arg(long, value_name = "DEVICE|FILE")]
+    target: PathBuf,
+    /// Expected SHA-256 of the decoded image (64 hex digits).
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Image manifest (URL or path): gives the image's location, format,
+    /// size and SHA-256.
+    #[arg(long, value_name = "URL|PATH")]
+    manifest: Option<String>,
+    /// Keep the partitions whose label matches this glob (repeatable).
+    #[arg(long = "save-partlabel", value_name = "GLOB")]
+    save_partlabel: Vec<String>,
+    /// Keep the partition with this 1-based index (repeatable).
+    #[arg(long = "save-partindex", value_name = "N")]
+    save_partindex: Vec<u32>,
+    /// Reboot after a successful write.
+    #[arg(long, value_enum, default_value_t = RebootMethod::None)]
+    reboot: RebootMethod,
+    /// Write one JSON object per line with the progress to this descriptor.
+    #[arg(long, value_name = "FD")]
+    progress_fd: Option<i32>,
+    /// Skip reading everything back after the write (not recommended).
+    #[arg(long)]
+    no_verify_readback: bool,
+    /// Consecutive failed HTTP attempts before giving up.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    retries: u32,
+    /// Seconds without a byte from the server before reconnecting.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    stall_timeout: u64,
+}
+
+pub fn run(args: WriteArgs) -> anyhow::Result<()> {
+    let http = HttpOptions {
+        retries: args.retries,
+        stall_timeout: Duration::from_secs(args.stall_timeout),
+        ..HttpOptions::default()
+    };
+    let image = ImageRequest::resolve(
+        args.image.as_deref(),
+        args.manifest.as_deref(),
+        args.sha256.as_deref(),
+        &http,
+    )
+    .context("resolving the image")?;
+    let request = WriteRequest {
+        image,
+        target: args.target.clone(),
+        save: SaveSpec {
+            labels: args.save_partlabel,
+            indexes: args.save_partindex,
+        },
+        read_back: !args.no_verify_readback,
+        http,
+    };
+    let mut progress = ProgressOutput::new(args.progress_fd)?;
+    let result = pipeline::write_image(&request, &mut |p| progress.show(p));
+    progress.clear();
+    let report = result.with_context(|| format!("writing {}", args.target.display()))?;
+    tracing::info!(
+        size = report.size,
+        sha256 = %report.sha256,
+        format = %report.format,
+        zeroed = report.zeroed_bytes,
+        saved = report.saved.len(),
+        seconds = report.elapsed.as_secs_f64(),
+        "image written, verified and read back"
+    );
+    println!(
+        "wrote {} bytes ({}, sha256 {}) to {} in {:.1}s; kept {} saved partition(s)",
+        report.size,
+        report.format,
+        report.sha256,
+        args.target.display(),
+        report.elapsed.as_secs_f64(),
+        report.saved.len()
+    );
+    reboot::reboot(args.reboot).context("rebooting")?;
+    Ok(())
+}

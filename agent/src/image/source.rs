@@ -1,0 +1,168 @@
+//! Where an image comes from: an HTTP(S) URL or a local path.
+
+use crate::image::http::{self, HttpOptions, HttpSource};
+use crate::{Error, Result};
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use url::Url;
+
+/// An image or manifest location as given by the user or a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Http(Url),
+    File(PathBuf),
+}
+
+impl Location {
+    /// `http://` and `https://` are URLs, `file://` and anything else a path.
+    pub fn parse(text: &str) -> Result<Location> {
+        let lower = text.to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            let url = Url::parse(text)
+                .map_err(|e| Error::InvalidArgument(format!("image URL '{text}': {e}")))?;
+            Ok(Location::Http(url))
+        } else if lower.starts_with("file://") {
+            let url = Url::parse(text)
+                .map_err(|e| Error::InvalidArgument(format!("file URL '{text}': {e}")))?;
+            let path = url
+                .to_file_path()
+                .map_err(|()| Error::InvalidArgument(format!("file URL '{text}' has no path")))?;
+            Ok(Location::File(path))
+        } else if text.contains("://") {
+            Err(Error::InvalidArgument(format!(
+                "'{text}': only http, https and file URLs are supported"
+            )))
+        } else if text.is_empty() {
+            Err(Error::InvalidArgument("empty image location".into()))
+        } else {
+            Ok(Location::File(PathBuf::from(text)))
+        }
+    }
+
+    /// Resolves `reference` (a manifest's `url`) against this location: an
+    /// absolute URL stands alone, a relative one is next to the manifest.
+    pub fn join(&self, reference: &str) -> Result<Location> {
+        if reference.contains("://") {
+            return Location::parse(reference);
+        }
+        match self {
+            Location::Http(base) => base.join(reference).map(Location::Http).map_err(|e| {
+                Error::ManifestInvalid(format!("url '{reference}' relative to {base}: {e}"))
+            }),
+            Location::File(path) => {
+                let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+                Ok(Location::File(dir.join(reference)))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Http(url) => write!(f, "{url}"),
+            Location::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// An opened image stream, still encoded.
+pub struct Source {
+    pub reader: Box<dyn Read + Send>,
+    /// Encoded length, when the file or the server says it.
+    pub length: Option<u64>,
+}
+
+/// Opens the stream at `location`; HTTP downloads resume on their own.
+pub fn open(location: &Location, options: &HttpOptions) -> Result<Source> {
+    match location {
+        Location::Http(url) => {
+            let source = HttpSource::open(url, options)?;
+            let length = source.content_length();
+            Ok(Source {
+                reader: Box::new(source),
+                length,
+            })
+        }
+        Location::File(path) => {
+            let file = File::open(path)
+                .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
+            let length = file.metadata().ok().map(|m| m.len());
+            Ok(Source {
+                reader: Box::new(file),
+                length,
+            })
+        }
+    }
+}
+
+/// Reads a small document (a manifest, a signature), refusing more than `limit` bytes.
+pub fn read_small(location: &Location, limit: u64, options: &HttpOptions) -> Result<Vec<u8>> {
+    match location {
+        Location::Http(url) => http::fetch_small(url, limit, options),
+        Location::File(path) => {
+            let file = File::open(path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let mut bytes = Vec::new();
+            file.take(limit + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            if bytes.len() as u64 > limit {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is larger than {limit} bytes",
+                    path.display()
+                )));
+            }
+            Ok(bytes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_by_scheme() {
+        assert!(matches!(
+            Location::parse("https://h/x.zst"),
+            Ok(Location::Http(_))
+        ));
+        assert!(matches!(
+            Location::parse("HTTP://h/x.zst"),
+            Ok(Location::Http(_))
+        ));
+        assert_eq!(
+            Location::parse("file:///srv/x.img").expect("file url"),
+            Location::File("/srv/x.img".into())
+        );
+        assert_eq!(
+            Location::parse("./x.img").expect("path"),
+            Location::File("./x.img".into())
+        );
+        let err = Location::parse("ftp://h/x").expect_err("ftp");
+        assert!(err.to_string().contains("only http"), "{err}");
+    }
+
+    #[test]
+    fn manifest_urls_resolve_next_to_the_manifest() {
+        let http = Location::parse("http://h/images/os.manifest.json").expect("url");
+        assert_eq!(
+            http.join("os.zst").expect("joins").to_string(),
+            "http://h/images/os.zst"
+        );
+        let file = Location::parse("/srv/images/os.manifest.json").expect("path");
+        assert_eq!(
+            file.join("os.zst").expect("joins"),
+            Location::File("/srv/images/os.zst".into())
+        );
+        assert_eq!(
+            file.join("https://cdn/os.zst")
+                .expect("absolute")
+                .to_string(),
+            "https://cdn/os.zst"
+        );
+    }
+}

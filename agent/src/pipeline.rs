@@ -1,0 +1,437 @@
+//! One reimage write, in the order that makes it safe:
+//!
+//! ```text
+//! source → decode → sha256 → sink (first MiB held back, saved ranges refused)
+//!   → fsync → hash and size match? → read-back matches?
+//!   → first MiB + merged GPT written, read back → BLKRRPART
+//! ```
+//!
+//! Until the last step the disk's partition table holds only the saved
+//! partitions, so a corrupt, truncated or half-written image never boots.
+
+use crate::disk::HEAD_LEN;
+use crate::disk::device::{Target, TargetKind};
+use crate::disk::gpt::TableSectors;
+use crate::disk::readback;
+use crate::disk::saved::{SaveSpec, SavedPartition, SavedPartitions};
+use crate::disk::sink::{self, DiskSink};
+use crate::image::http::HttpOptions;
+use crate::image::source::{self, Location};
+use crate::image::stream::ChunkStream;
+use crate::image::{decode, manifest};
+use crate::progress::ProgressMeter;
+use crate::{Error, Result};
+use reimage_protocol::{ImageFormat, Phase, WriteProgress};
+use sha2::{Digest, Sha256};
+use std::cell::Cell;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The image to write and what it must turn out to be.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub location: Location,
+    /// Expected SHA-256 of the decoded image, lowercase hex.
+    pub sha256: Option<String>,
+    /// Expected size of the decoded image.
+    pub size: Option<u64>,
+    /// Format named by a manifest; the data must agree.
+    pub format: Option<ImageFormat>,
+}
+
+impl ImageRequest {
+    /// Builds the request from an image location and/or a manifest and/or
+    /// a hash. A manifest supplies what is not given; given values must
+    /// agree with it.
+    pub fn resolve(
+        image: Option<&str>,
+        manifest: Option<&str>,
+        sha256: Option<&str>,
+        http: &HttpOptions,
+    ) -> Result<ImageRequest> {
+        let sha256 = sha256.map(manifest::parse_sha256).transpose()?;
+        let Some(manifest_at) = manifest else {
+            let image = image.ok_or_else(|| {
+                Error::InvalidArgument("give the image (--image) or a manifest (--manifest)".into())
+            })?;
+            return Ok(ImageRequest {
+                location: Location::parse(image)?,
+                sha256,
+                size: None,
+                format: None,
+            });
+        };
+        let (manifest, from_manifest) = manifest::load(&Location::parse(manifest_at)?, http)?;
+        if let Some(given) = &sha256
+            && *given != manifest.sha256
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--sha256 {given} disagrees with the manifest's {}",
+                manifest.sha256
+            )));
+        }
+        let location = match image {
+            Some(image) => Location::parse(image)?,
+            None => from_manifest,
+        };
+        Ok(ImageRequest {
+            location,
+            sha256: Some(manifest.sha256),
+            size: Some(manifest.size),
+            format: Some(manifest.format),
+        })
+    }
+}
+
+/// Everything one write needs.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub image: ImageRequest,
+    pub target: PathBuf,
+    pub save: SaveSpec,
+    /// Read everything written back and compare (on by default).
+    pub read_back: bool,
+    pub http: HttpOptions,
+}
+
+/// What a successful write did.
+#[derive(Debug, Clone)]
+pub struct WriteReport {
+    pub format: ImageFormat,
+    pub size: u64,
+    pub sha256: String,
+    pub zeroed_bytes: u64,
+    pub saved: Vec<SavedPartition>,
+    pub elapsed: Duration,
+}
+
+/// Streams, verifies and writes the image; see the module docs for the order.
+/// On any failure after the disk was touched, the partition table is reset to
+/// one holding only the saved partitions.
+pub fn write_image(
+    request: &WriteRequest,
+    report: &mut dyn FnMut(&WriteProgress),
+) -> Result<WriteReport> {
+    let started = Instant::now();
+    let target = Target::open_for_write(&request.target)?;
+    let job = Job::plan(&target, request)?;
+    let mut meter = ProgressMeter::new(report);
+    let result = job.run(request, &mut meter);
+    if let Err(err) = &result {
+        job.reset_after_failure(err);
+    }
+    let (format, streamed) = result?;
+    Ok(WriteReport {
+        format,
+        size: streamed.size,
+        sha256: streamed.sha256,
+        zeroed_bytes: streamed.zeroed,
+        saved: job.saved.iter().cloned().collect(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What streaming the image produced.
+struct Streamed {
+    /// The image's first bytes, held back.
+    head: Vec<u8>,
+    size: u64,
+    sha256: String,
+    zeroed: u64,
+}
+
+/// One write against one opened target.
+struct Job<'t> {
+    target: &'t Target,
+    saved: SavedPartitions,
+    /// A regular file that was empty: it grows to the image's size and has
+    /// nothing on it to protect or reset.
+    growable: bool,
+    /// Set once the saved-only table was written: from then on a failure
+    /// must leave that table behind.
+    touched: Cell<bool>,
+}
+
+impl<'t> Job<'t> {
+    /// Reads what must be kept.
+    fn plan(target: &'t Target, request: &WriteRequest) -> Result<Job<'t>> {
+        let growable = target.kind() == TargetKind::File && target.size() == 0;
+        let mut table_reader = std::fs::File::open(target.path())
+            .map_err(|e| Error::io(format!("opening {}", target.path().display()), e))?;
+        let saved = SavedPartitions::find(
+            &mut table_reader,
+            target.logical_block_size(),
+            &request.save,
+        )?;
+        for partition in saved.iter() {
+            tracing::info!(
+                index = partition.index,
+                label = partition.label(),
+                "keeping saved partition"
+            );
+        }
+        Ok(Job {
+            target,
+            saved,
+            growable,
+            touched: Cell::new(false),
+        })
+    }
+
+    fn run(
+        &self,
+        request: &WriteRequest,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<(ImageFormat, Streamed)> {
+        let image = &request.image;
+        let source = source::open(&image.location, &request.http)?;
+        let encoded_length = source.length;
+        let (format, decoded) = decode::open_decoder(source.reader)?;
+        if let Some(expected) = image.format
+            && expected != format
+        {
+            return Err(Error::ImageFormatMismatch {
+                expected: expected.to_string(),
+                actual: format.to_string(),
+            });
+        }
+        // A raw stream's length is the image's size: check it up front too.
+        let raw_length = encoded_length.filter(|_| format == ImageFormat::Raw);
+        self.check_fits(image.size.or(raw_length))?;
+        tracing::info!(image = %image.location, %format, "writing image");
+        let streamed = self.stream(decoded, image.size, meter)?;
+        check_image(&streamed, image)?;
+        if request.read_back {
+            self.read_back(&streamed, meter)?;
+        }
+        self.commit_table(&streamed, meter)?;
+        self.target.reread_partition_table()?;
+        meter.phase(Phase::Done, Some(streamed.size));
+        Ok((format, streamed))
+    }
+
+    /// Refuses, before anything is written, an image of `size` bytes that
+    /// does not fit on the target or would cover a saved partition.
+    fn check_fits(&self, size: Option<u64>) -> Result<()> {
+        let Some(size) = size else {
+            return Ok(());
+        };
+        if !self.growable && size > self.target.size() {
+            return Err(Error::TargetTooSmall {
+                needed: size,
+                available: self.target.size(),
+            });
+        }
+        self.saved.check_image_extent(size)
+    }
+
+    /// source → decode → hash → sink, holding the first MiB back.
+    fn stream(
+        &self,
+        decoded: Box<dyn Read + Send>,
+        expected_size: Option<u64>,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<Streamed> {
+        let mut chunks = ChunkStream::spawn(decoded)?;
+        let mut hasher = Sha256::new();
+        let mut head = Vec::with_capacity(HEAD_LEN);
+        let mut sink: Option<DiskSink<'_>> = None;
+        let mut size = 0u64;
+        meter.phase(Phase::Downloading, expected_size);
+        while let Some(chunk) = chunks.next_chunk() {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            if let Some(expected) = expected_size
+                && size > expected
+            {
+                return Err(Error::ImageSizeMismatch {
+                    expected,
+                    actual: size,
+                });
+            }
+            hasher.update(&chunk[..]);
+            let held = (HEAD_LEN - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..held]);
+            if held < chunk.len() {
+                let sink = match &mut sink {
+                    Some(sink) => sink,
+                    None => sink.insert(self.prepare(&head, expected_size)?),
+                };
+                sink.write(&chunk[held..])?;
+            }
+            chunks.recycle(chunk);
+            meter.update(size);
+        }
+        let zeroed = match &mut sink {
+            Some(sink) => {
+                sink.finish()?;
+                sink.zeroed_bytes()
+            }
+            None => {
+                // The whole image fits in the held head.
+                self.prepare(&head, expected_size)?;
+                0
+            }
+        };
+        meter.finish_phase(size);
+        Ok(Streamed {
+            head,
+            size,
+            sha256: hex::encode(hasher.finalize()),
+            zeroed,
+        })
+    }
+
+    /// Runs once the head is known, before the first byte is written: the
+    /// merge is tried in memory (a merge that cannot work fails here), then
+    /// the table is reset to the saved partitions only.
+    fn prepare(&self, head: &[u8], expected_size: Option<u64>) -> Result<DiskSink<'t>> {
+        let capacity = (!self.growable).then(|| self.target.size());
+        if let Some(disk_size) = capacity.or(expected_size) {
+            self.saved.merge_with_image(head, disk_size)?;
+        }
+        if !self.growable {
+            self.touched.set(true);
+            self.write_table(&self.saved.saved_only_table(self.target.size())?)?;
+            self.target.sync()?;
+        }
+        Ok(DiskSink::new(
+            self.target,
+            HEAD_LEN as u64,
+            self.saved.protected_ranges(),
+            capacity,
+        ))
+    }
+
+    /// Reads everything written back and compares its hash with the image's.
+    fn read_back(&self, streamed: &Streamed, meter: &mut ProgressMeter<'_>) -> Result<()> {
+        meter.phase(Phase::Verifying, Some(streamed.size));
+        let head = &streamed.head;
+        let on_disk = readback::hash_written_image(self.target, head, streamed.size, meter)?;
+        if on_disk != streamed.sha256 {
+            return Err(Error::ReadbackMismatch(format!(
+                "the target reads back as sha256 {on_disk}, the image is {}",
+                streamed.sha256
+            )));
+        }
+        Ok(())
+    }
+
+    /// The commit point: the merged table (backup first) and then the held
+    /// first MiB, each read back.
+    fn commit_table(&self, streamed: &Streamed, meter: &mut ProgressMeter<'_>) -> Result<()> {
+        meter.phase(Phase::SavingPartitions, None);
+        let disk_size = if self.growable {
+            streamed.size
+        } else {
+            self.target.size()
+        };
+        let head_len = streamed.head.len() as u64;
+        sink::check_write_allowed(
+            &(0..head_len),
+            &self.saved.protected_ranges(),
+            (!self.growable).then_some(disk_size),
+        )?;
+        let mut head = streamed.head.clone();
+        let merged = self.saved.merge_with_image(&head, disk_size)?;
+        let beyond = merged
+            .as_ref()
+            .map(|table| table.overlay_head(&mut head))
+            .unwrap_or_default();
+        if !self.growable {
+            self.clear_stale_reset_table(merged.as_ref(), streamed.size, disk_size)?;
+        }
+        for (offset, bytes) in &beyond {
+            self.target.write_at(bytes, *offset)?;
+        }
+        self.target.sync()?;
+        self.target.write_at(&head, 0)?;
+        self.target.sync()?;
+        let written = beyond.iter().map(|(o, b)| (*o, b.as_slice()));
+        for (offset, bytes) in written.chain([(0, head.as_slice())]) {
+            if !readback::matches(self.target, offset, bytes)? {
+                return Err(Error::ReadbackMismatch(format!(
+                    "the partition table written at byte {offset} reads back differently"
+                )));
+            }
+        }
+        meter.finish_phase(0);
+        Ok(())
+    }
+
+    /// The saved-only table written before the stream has a backup copy at
+    /// the end of the disk. Sectors of it that neither the image nor the new
+    /// table covered would be a stale, valid-looking table: zero them.
+    fn clear_stale_reset_table(
+        &self,
+        merged: Option<&TableSectors>,
+        image_size: u64,
+        disk_size: u64,
+    ) -> Result<()> {
+        let sector = self.saved.sector_size();
+        let reset = self.saved.saved_only_table(disk_size)?;
+        for lba in reset.lbas() {
+            let offset = lba * sector;
+            let covered = offset < image_size.max(HEAD_LEN as u64)
+                || merged.is_some_and(|table| table.contains(lba));
+            if !covered {
+                self.target.write_at(&vec![0u8; sector as usize], offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_table(&self, table: &TableSectors) -> Result<()> {
+        for (offset, bytes) in table.runs() {
+            self.target.write_at(&bytes, offset)?;
+        }
+        Ok(())
+    }
+
+    /// After a failure: leave the saved-only table, so the disk holds the
+    /// saved partitions and nothing that boots.
+    fn reset_after_failure(&self, cause: &Error) {
+        if !self.touched.get() {
+            return;
+        }
+        tracing::warn!(
+            code = cause.code(),
+            "write failed; resetting the partition table to the saved partitions"
+        );
+        let reset = self
+            .saved
+            .saved_only_table(self.target.size())
+            .and_then(|table| self.write_table(&table))
+            .and_then(|()| self.target.sync());
+        if let Err(err) = reset {
+            tracing::error!(%err, "could not reset the partition table after the failure");
+        }
+    }
+}
+
+/// The decoded image must have the announced size and hash.
+fn check_image(streamed: &Streamed, image: &ImageRequest) -> Result<()> {
+    if let Some(expected) = image.size
+        && streamed.size != expected
+    {
+        return Err(Error::ImageTruncated(format!(
+            "the image ended after {} of {expected} bytes",
+            streamed.size
+        )));
+    }
+    match &image.sha256 {
+        Some(expected) if *expected != streamed.sha256 => Err(Error::ImageChecksumMismatch {
+            expected: expected.clone(),
+            actual: streamed.sha256.clone(),
+        }),
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!(
+                sha256 = %streamed.sha256,
+                "no expected SHA-256 was given: the image was checked only for a clean decode and a matching read-back"
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The `reimage-agent` command line: bad input gets one clear error line,
+//! a non-zero exit, and leaves the target as it was.
+
+use std::fs;
+use std::process::{Command, Output};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reimage-agent"))
+        .args(args)
+        .output()
+        .expect("reimage-agent runs")
+}
+
+fn error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "must fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "exactly one error line in: {stderr}");
+    errors[0].to_string()
+}
+
+#[test]
+fn a_malformed_sha256_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("disk.img");
+    fs::write(&target, b"keep me").expect("target");
+    let line = error_line(&agent(&[
+        "write",
+        "--image",
+        "os.img",
+        "--sha256",
+        "abc",
+        "--target",
+        target.to_str().expect("path"),
+    ]));
+    assert!(
+        line.contains("InvalidArgument") && line.contains("'abc'"),
+        "{line}"
+    );
+    assert_eq!(fs::read(&target).expect("target"), b"keep me");
+}
+
+#[test]
+fn a_missing_image_file_is_named_and_the_target_is_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("disk.img");
+    fs::write(&target, vec![7u8; 1 << 20]).expect("target");
+    let line = error_line(&agent(&[
+        "write",
+        "--image",
+        "/nonexistent/os.img",
+        "--target",
+        target.to_str().expect("path"),
+    ]));
+    assert!(line.contains("/nonexistent/os.img"), "{line}");
+    assert_eq!(fs::read(&target).expect("target"), vec![7u8; 1 << 20]);
+}
+
+#[test]
+fn an_image_or_a_manifest_is_required() {
+    let line = error_line(&agent(&["write", "--target", "/tmp/x.img"]));
+    assert!(
+        line.contains("--image") && line.contains("--manifest"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_directory_is_not_a_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("os.img");
+    fs::write(&image, vec![0u8; 4096]).expect("image");
+    let line = error_line(&agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        dir.path().to_str().expect("path"),
+    ]));
+    assert!(line.contains("InvalidArgument"), "{line}");
+}
+
+#[test]
+fn a_progress_fd_that_is_not_open_is_refused_before_writing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("os.img");
+    fs::write(&image, vec![1u8; 4096]).expect("image");
+    let target = dir.path().join("disk.img");
+    fs::write(&target, b"keep me").expect("target");
+    let line = error_line(&agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        target.to_str().expect("path"),
+        "--progress-fd",
+        "97",
+    ]));
+    assert!(line.contains("--progress-fd 97"), "{line}");
+    assert_eq!(fs::read(&target).expect("target"), b"keep me");
+}
+
+#[test]
+fn a_raw_image_without_a_table_writes_to_a_new_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("fs.img");
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
+    fs::write(&image, &data).expect("image");
+    let target = dir.path().join("copy.img");
+    fs::write(&target, b"").expect("empty target");
+    let output = agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        target.to_str().expect("path"),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(fs::read(&target).expect("target") == data, "an exact copy");
+}
+
+#[test]
+fn a_raw_image_larger_than_the_target_is_refused_before_writing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("os.img");
+    fs::write(&image, vec![5u8; 3 << 20]).expect("image");
+    let target = dir.path().join("disk.img");
+    fs::write(&target, vec![9u8; 1 << 20]).expect("target");
+    let line = error_line(&agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        target.to_str().expect("path"),
+    ]));
+    assert!(line.contains("TargetTooSmall"), "{line}");
+    assert_eq!(
+        fs::read(&target).expect("target"),
+        vec![9u8; 1 << 20],
+        "untouched"
+    );
+}

@@ -1,0 +1,426 @@
+//! `reimage-agent write` end to end: the real binary, real files and loop
+//! devices; after every run the saved partition's SHA-256 is checked.
+
+use reimage_e2e::bin::{agent, run, stderr};
+use reimage_e2e::images::{
+    MIB, os_image, partition_labels, partition_sha256, read_range, sha256, target_disk, zstd,
+};
+use reimage_e2e::loopdev::LoopDevice;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const DISK_MIB: u64 = 64;
+const STORAGE_MIB: u64 = 16;
+
+struct Lab {
+    dir: tempfile::TempDir,
+    target: PathBuf,
+    storage_sha: String,
+}
+
+impl Lab {
+    /// A 64 MiB target of random bytes with local-storage in its last 16 MiB.
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("disk.img");
+        let storage_sha = target_disk(&target, DISK_MIB, STORAGE_MIB, 11);
+        Lab {
+            dir,
+            target,
+            storage_sha,
+        }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::write(&path, bytes).expect("write test file");
+        path
+    }
+
+    fn write(&self, image: &Path, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "write",
+            "--image",
+            image.to_str().expect("utf-8 path"),
+            "--target",
+            self.target.to_str().expect("utf-8 path"),
+            "--save-partlabel",
+            "local-storage",
+        ];
+        args.extend_from_slice(extra);
+        run(&mut agent(&args))
+    }
+
+    /// The saved partition is byte-for-byte what it was, and in the table.
+    fn assert_storage_intact(&self) {
+        let (sha, entry) = partition_sha256(&self.target, "local-storage")
+            .expect("local-storage is still in the partition table");
+        assert_eq!(sha, self.storage_sha, "local-storage bytes changed");
+        assert_eq!(entry.unique_partition_guid, [0xa2; 16], "GUID kept");
+    }
+
+    /// After a failure the table holds the saved partition and nothing else.
+    fn assert_reset_to_saved_only(&self) {
+        let labels: Vec<String> = partition_labels(&self.target)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        assert_eq!(labels, vec!["local-storage".to_string()]);
+        self.assert_storage_intact();
+    }
+}
+
+/// The image's bytes past the partition table sectors are on the target.
+fn assert_image_on_target(target: &Path, image: &[u8]) {
+    let start = 34 * 512;
+    let on_disk = read_range(target, start, image.len() as u64);
+    assert!(
+        on_disk == image[start as usize..],
+        "image bytes differ on the target"
+    );
+}
+
+#[test]
+fn a_zstd_image_is_written_byte_exact_and_local_storage_is_kept() {
+    let lab = Lab::new();
+    let raw = os_image(24, 2, 1);
+    let image = lab.file("os.img.zst", &zstd(&raw));
+    let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
+    assert!(output.status.success(), "write failed: {}", stderr(&output));
+
+    assert_image_on_target(&lab.target, &raw);
+    assert_eq!(
+        &read_range(&lab.target, 0, 440)[..],
+        &raw[..440],
+        "boot code written"
+    );
+    let labels = partition_labels(&lab.target);
+    assert_eq!(
+        labels,
+        vec![
+            (1, "efi".into()),
+            (2, "root".into()),
+            (3, "local-storage".into())
+        ]
+    );
+    lab.assert_storage_intact();
+}
+
+#[test]
+fn a_checksum_mismatch_writes_no_table_and_keeps_local_storage() {
+    let lab = Lab::new();
+    let raw = os_image(24, 2, 2);
+    let image = lab.file("os.img.zst", &zstd(&raw));
+    let output = lab.write(&image, &["--sha256", &"0".repeat(64)]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("error: "), "one error line");
+    assert!(
+        stderr(&output).contains("ImageChecksumMismatch"),
+        "names the code"
+    );
+    lab.assert_reset_to_saved_only();
+}
+
+#[test]
+fn a_truncated_stream_fails_and_keeps_local_storage() {
+    let lab = Lab::new();
+    let raw = os_image(24, 2, 3);
+    let mut packed = zstd(&raw);
+    packed.truncate(packed.len() / 2);
+    let image = lab.file("os.img.zst", &packed);
+    let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("ImageTruncated"), "names the code");
+    lab.assert_reset_to_saved_only();
+}
+
+#[test]
+fn trailing_garbage_fails_and_keeps_local_storage() {
+    let lab = Lab::new();
+    let raw = os_image(24, 2, 4);
+    let mut packed = zstd(&raw);
+    packed.extend_from_slice(b"appended by an attacker");
+    let image = lab.file("os.img.zst", &packed);
+    let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("ImageTrailingData"),
+        "names the code"
+    );
+    lab.assert_reset_to_saved_only();
+}
+
+#[test]
+fn a_collision_with_local_storage_is_refused_before_any_byte_is_written() {
+    let lab = Lab::new();
+    let before = sha256(&fs::read(&lab.target).expect("target"));
+    // A 56 MiB image whose root partition runs over local-storage (47–63 MiB).
+    let raw = os_image(56, 2, 5);
+    let image = lab.file("big.img.zst", &zstd(&raw));
+    let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("SavedPartitionCollision"),
+        "names the code"
+    );
+    assert!(
+        stderr(&output).contains("local-storage"),
+        "names the partition"
+    );
+    let after = sha256(&fs::read(&lab.target).expect("target"));
+    assert_eq!(before, after, "not a single byte of the target changed");
+    lab.assert_storage_intact();
+}
+
+#[test]
+fn a_missing_saved_partition_is_refused_and_nothing_changes() {
+    let lab = Lab::new();
+    let before = sha256(&fs::read(&lab.target).expect("target"));
+    let raw = os_image(8, 1, 6);
+    let image = lab.file("os.img", &raw);
+    let output = run(&mut agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        lab.target.to_str().expect("path"),
+        "--save-partlabel",
+        "scratch",
+    ]));
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("SavedPartitionNotFound"),
+        "names the code"
+    );
+    assert_eq!(before, sha256(&fs::read(&lab.target).expect("target")));
+}
+
+#[test]
+fn zero_regions_overwrite_stale_data_with_zeros() {
+    let lab = Lab::new();
+    // 6 MiB zero runs over a target full of random bytes.
+    let raw = os_image(40, 6, 7);
+    let image = lab.file("os.img", &raw);
+    let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
+    assert!(output.status.success(), "write failed: {}", stderr(&output));
+    assert_image_on_target(&lab.target, &raw);
+    lab.assert_storage_intact();
+}
+
+#[test]
+fn packed_manifest_drives_the_write_and_progress_is_json_lines() {
+    let lab = Lab::new();
+    let raw = os_image(16, 1, 8);
+    let raw_path = lab.file("os.img", &raw);
+    let packed = lab.dir.path().join("os.img.zst");
+    let output = run(&mut agent(&[
+        "image",
+        "pack",
+        raw_path.to_str().expect("path"),
+        "-o",
+        packed.to_str().expect("path"),
+    ]));
+    assert!(output.status.success(), "pack failed");
+    let manifest = lab.dir.path().join("os.img.zst.manifest.json");
+    let progress = lab.dir.path().join("progress.jsonl");
+    let progress_file = fs::File::create(&progress).expect("progress file");
+    let command = agent(&[
+        "write",
+        "--manifest",
+        manifest.to_str().expect("path"),
+        "--target",
+        lab.target.to_str().expect("path"),
+        "--save-partlabel",
+        "local-*",
+        "--progress-fd",
+        "3",
+    ]);
+    // Hand the file to the child as fd 3 through bash, as an operator would.
+    let mut shell = std::process::Command::new("bash");
+    shell
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 3>>\"$PROGRESS\"")
+        .arg(command.get_program())
+        .args(command.get_args())
+        .env("PROGRESS", &progress);
+    drop(progress_file);
+    let output = run(&mut shell);
+    assert!(output.status.success(), "write failed: {}", stderr(&output));
+    assert_image_on_target(&lab.target, &raw);
+    lab.assert_storage_intact();
+
+    let lines = fs::read_to_string(&progress).expect("progress written");
+    let phases: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("each line is JSON");
+            v["phase"].as_str().expect("phase").to_string()
+        })
+        .collect();
+    let order = ["downloading", "verifying", "savingPartitions", "done"];
+    let mut seen: Vec<&str> = Vec::new();
+    for p in &phases {
+        if seen.last() != Some(&p.as_str()) {
+            seen.push(order.iter().find(|o| **o == p).expect("known phase"));
+        }
+    }
+    assert_eq!(seen, order, "phases in order: {phases:?}");
+    let last: serde_json::Value =
+        serde_json::from_str(lines.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["totalBytes"], raw.len() as u64);
+}
+
+#[test]
+fn a_manifest_with_the_wrong_size_fails() {
+    let lab = Lab::new();
+    let raw = os_image(16, 1, 9);
+    let image = lab.file("os.img", &raw);
+    let manifest = lab.file(
+        "os.manifest.json",
+        format!(
+            r#"{{"name":"os","url":"os.img","format":"raw","size":{},"sha256":"{}"}}"#,
+            raw.len() + 4096,
+            sha256(&raw)
+        )
+        .as_bytes(),
+    );
+    let _ = image;
+    let output = run(&mut agent(&[
+        "write",
+        "--manifest",
+        manifest.to_str().expect("path"),
+        "--target",
+        lab.target.to_str().expect("path"),
+        "--save-partlabel",
+        "local-storage",
+    ]));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("ImageTruncated"), "names the code");
+    lab.assert_reset_to_saved_only();
+}
+
+#[test]
+fn inspect_shows_format_hash_and_partitions() {
+    let lab = Lab::new();
+    let raw = os_image(8, 1, 10);
+    let image = lab.file("os.img.zst", &zstd(&raw));
+    let output = run(&mut agent(&[
+        "image",
+        "inspect",
+        image.to_str().expect("path"),
+    ]));
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("zstd"), "{text}");
+    assert!(text.contains(&sha256(&raw)), "{text}");
+    assert!(text.contains("efi") && text.contains("root"), "{text}");
+    assert!(text.contains(&format!("{} bytes", 8 * MIB)), "{text}");
+}
+
+#[test]
+fn on_a_loop_device_the_kernel_sees_the_new_partitions() {
+    let lab = Lab::new();
+    let device = match LoopDevice::attach(&lab.target) {
+        Ok(device) => device,
+        Err(why) => {
+            eprintln!("skipping on_a_loop_device_the_kernel_sees_the_new_partitions: {why}");
+            return;
+        }
+    };
+    let raw = os_image(24, 2, 12);
+    let image = lab.file("os.img.zst", &zstd(&raw));
+    let output = run(&mut agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        device.path.to_str().expect("path"),
+        "--sha256",
+        &sha256(&raw),
+        "--save-partlabel",
+        "local-storage",
+    ]));
+    assert!(output.status.success(), "write failed: {}", stderr(&output));
+    assert_image_on_target(&device.path, &raw);
+    let (sha, _) = partition_sha256(&device.path, "local-storage").expect("kept");
+    assert_eq!(sha, lab.storage_sha);
+    // The table on the device is what partition tools read: three partitions,
+    // local-storage third, with its bytes unchanged.
+    device
+        .sync_partitions()
+        .expect("partx reads the merged table");
+    let p3 = device.partition(3);
+    assert!(p3.exists(), "{} exists", p3.display());
+    assert_eq!(sha256(&fs::read(&p3).expect("read p3")), lab.storage_sha);
+}
+
+#[test]
+fn a_loop_device_with_a_mounted_partition_is_busy_and_untouched() {
+    let lab = Lab::new();
+    // A real filesystem in local-storage so it can be mounted.
+    let device = match LoopDevice::attach(&lab.target) {
+        Ok(device) => device,
+        Err(why) => {
+            eprintln!(
+                "skipping a_loop_device_with_a_mounted_partition_is_busy_and_untouched: {why}"
+            );
+            return;
+        }
+    };
+    device.sync_partitions().expect("partx reads the table");
+    let part = device.partition(2);
+    let mkfs = run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&part));
+    assert!(mkfs.status.success(), "mkfs.ext4");
+    let mountpoint = lab.dir.path().join("mnt");
+    fs::create_dir(&mountpoint).expect("mountpoint");
+    let mount = run(std::process::Command::new("mount")
+        .arg(&part)
+        .arg(&mountpoint));
+    if !mount.status.success() {
+        eprintln!(
+            "skipping a_loop_device_with_a_mounted_partition_is_busy_and_untouched: mount failed"
+        );
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let unmount = Unmount(mountpoint.clone());
+    // The mounted filesystem writes its own journal: compare everything else.
+    let (_, storage) = partition_sha256(&device.path, "local-storage").expect("local-storage");
+    let outside_storage = |path: &Path| {
+        let mut bytes = fs::read(path).expect("read device");
+        bytes.drain(storage.starting_lba as usize * 512..(storage.ending_lba as usize + 1) * 512);
+        sha256(&bytes)
+    };
+    let before = outside_storage(&device.path);
+    let raw = os_image(8, 1, 13);
+    let image = lab.file("os.img", &raw);
+    let output = run(&mut agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--target",
+        device.path.to_str().expect("path"),
+        "--save-partlabel",
+        "local-storage",
+    ]));
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("DiskBusy"), "names the code: {err}");
+    assert!(
+        err.contains(mountpoint.to_str().expect("path")),
+        "names the mount: {err}"
+    );
+    drop(unmount);
+    assert_eq!(
+        before,
+        outside_storage(&device.path),
+        "nothing outside the filesystem changed"
+    );
+}
