@@ -35,7 +35,7 @@ trap cleanup EXIT
 
 echo "== making a ${gib} GiB image (random and zero regions, GPT)"
 truncate -s "${gib}G" "$work/os.img"
-sgdisk -q -n 1:1M:+64M -c 1:efi -n 2:0:0 -c 2:root "$work/os.img"
+sgdisk -n 1:1M:+64M -c 1:efi -n 2:0:0 -c 2:root "$work/os.img" >/dev/null
 # 8 MiB of random data every 16 MiB: half random, half zero runs.
 mibs=$(( gib * 1024 ))
 random_8m() { head -c 8M /dev/urandom; }

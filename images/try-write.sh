@@ -22,7 +22,7 @@ rm -rf "$sandbox" && mkdir -p "$sandbox" && cd "$sandbox"
 
 echo "== making a 128 MiB OS image: GPT with efi and root, random and zero regions"
 truncate -s 128M os.img
-sgdisk -q -n 1:1M:+32M -t 1:ef00 -c 1:efi -n 2:0:0 -t 2:8300 -c 2:root os.img
+sgdisk -n 1:1M:+32M -t 1:ef00 -c 1:efi -n 2:0:0 -t 2:8300 -c 2:root os.img >/dev/null
 for mib in 1 8 40 64 100; do
     head -c 4M /dev/urandom | dd of=os.img bs=1M seek="$mib" conv=notrunc status=none
 done
@@ -30,7 +30,7 @@ done
 
 echo "== making a 512 MiB target: an old root and local-storage (64 MiB of data) at the end"
 truncate -s 512M disk.img
-sgdisk -q -n 1:1M:+400M -c 1:old-root -n 2:0:0 -c 2:local-storage disk.img
+sgdisk -n 1:1M:+400M -c 1:old-root -n 2:0:0 -c 2:local-storage disk.img >/dev/null
 start=$(sgdisk -i 2 disk.img | awk '/First sector/ {print $3}')
 head -c 64M /dev/urandom | dd of=disk.img bs=512 seek="$start" conv=notrunc status=none
 storage_sha() { sgdisk -i "$1" disk.img >/dev/null; dd if=disk.img bs=512 skip="$start" count="$(( $(sgdisk -i "$1" disk.img | awk '/Last sector/ {print $3}') - start + 1 ))" status=none | sha256sum | cut -d' ' -f1; }

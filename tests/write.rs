@@ -13,22 +13,50 @@ const DISK_MIB: u64 = 64;
 const STORAGE_MIB: u64 = 16;
 
 struct Lab {
+    /// Detached before `dir` goes away (fields drop in order).
+    _device: Option<LoopDevice>,
     dir: tempfile::TempDir,
     target: PathBuf,
     storage_sha: String,
 }
 
+/// What the target is: a regular file, or a loop device over one.
+enum On {
+    File,
+    LoopDevice,
+}
+
 impl Lab {
-    /// A 64 MiB target of random bytes with local-storage in its last 16 MiB.
+    /// A 64 MiB target file of random bytes with local-storage in its last 16 MiB.
     fn new() -> Lab {
+        Lab::on(On::File, "file target").expect("file targets always work")
+    }
+
+    /// The same target as a file or behind a loop device; `None` (after
+    /// saying why) when loop devices cannot be used here.
+    fn on(kind: On, test: &str) -> Option<Lab> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let target = dir.path().join("disk.img");
-        let storage_sha = target_disk(&target, DISK_MIB, STORAGE_MIB, 11);
-        Lab {
+        let file = dir.path().join("disk.img");
+        let storage_sha = target_disk(&file, DISK_MIB, STORAGE_MIB, 11);
+        let (device, target) = match kind {
+            On::File => (None, file),
+            On::LoopDevice => match LoopDevice::attach(&file) {
+                Ok(device) => {
+                    let path = device.path.clone();
+                    (Some(device), path)
+                }
+                Err(why) => {
+                    eprintln!("skipping {test} on a loop device: {why}");
+                    return None;
+                }
+            },
+        };
+        Some(Lab {
+            _device: device,
             dir,
             target,
             storage_sha,
-        }
+        })
     }
 
     fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
@@ -80,9 +108,7 @@ fn assert_image_on_target(target: &Path, image: &[u8]) {
     );
 }
 
-#[test]
-fn a_zstd_image_is_written_byte_exact_and_local_storage_is_kept() {
-    let lab = Lab::new();
+fn writes_byte_exact_and_keeps_local_storage(lab: &Lab) {
     let raw = os_image(24, 2, 1);
     let image = lab.file("os.img.zst", &zstd(&raw));
     let output = lab.write(&image, &["--sha256", &sha256(&raw)]);
@@ -106,9 +132,7 @@ fn a_zstd_image_is_written_byte_exact_and_local_storage_is_kept() {
     lab.assert_storage_intact();
 }
 
-#[test]
-fn a_checksum_mismatch_writes_no_table_and_keeps_local_storage() {
-    let lab = Lab::new();
+fn checksum_mismatch_leaves_the_saved_only_table(lab: &Lab) {
     let raw = os_image(24, 2, 2);
     let image = lab.file("os.img.zst", &zstd(&raw));
     let output = lab.write(&image, &["--sha256", &"0".repeat(64)]);
@@ -121,9 +145,7 @@ fn a_checksum_mismatch_writes_no_table_and_keeps_local_storage() {
     lab.assert_reset_to_saved_only();
 }
 
-#[test]
-fn a_truncated_stream_fails_and_keeps_local_storage() {
-    let lab = Lab::new();
+fn truncated_stream_leaves_the_saved_only_table(lab: &Lab) {
     let raw = os_image(24, 2, 3);
     let mut packed = zstd(&raw);
     packed.truncate(packed.len() / 2);
@@ -150,10 +172,8 @@ fn trailing_garbage_fails_and_keeps_local_storage() {
     lab.assert_reset_to_saved_only();
 }
 
-#[test]
-fn a_collision_with_local_storage_is_refused_before_any_byte_is_written() {
-    let lab = Lab::new();
-    let before = sha256(&fs::read(&lab.target).expect("target"));
+fn collision_is_refused_before_any_byte_is_written(lab: &Lab) {
+    let before = sha256(&read_range(&lab.target, 0, DISK_MIB * MIB));
     // A 56 MiB image whose root partition runs over local-storage (47–63 MiB).
     let raw = os_image(56, 2, 5);
     let image = lab.file("big.img.zst", &zstd(&raw));
@@ -167,10 +187,41 @@ fn a_collision_with_local_storage_is_refused_before_any_byte_is_written() {
         stderr(&output).contains("local-storage"),
         "names the partition"
     );
-    let after = sha256(&fs::read(&lab.target).expect("target"));
+    let after = sha256(&read_range(&lab.target, 0, DISK_MIB * MIB));
     assert_eq!(before, after, "not a single byte of the target changed");
     lab.assert_storage_intact();
 }
+
+/// Runs a scenario on a file target and on a loop device target.
+macro_rules! on_file_and_loop_device {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[test]
+            fn on_a_file() {
+                if let Some(lab) = Lab::on(On::File, stringify!($scenario)) {
+                    super::$scenario(&lab);
+                }
+            }
+
+            #[test]
+            fn on_a_loop_device() {
+                if let Some(lab) = Lab::on(On::LoopDevice, stringify!($scenario)) {
+                    super::$scenario(&lab);
+                }
+            }
+        }
+    )*};
+}
+
+on_file_and_loop_device!(
+    writes_byte_exact_and_keeps_local_storage,
+    checksum_mismatch_leaves_the_saved_only_table,
+    truncated_stream_leaves_the_saved_only_table,
+    collision_is_refused_before_any_byte_is_written,
+    zero_regions_overwrite_stale_data_with_zeros,
+);
 
 #[test]
 fn a_missing_saved_partition_is_refused_and_nothing_changes() {
@@ -195,9 +246,7 @@ fn a_missing_saved_partition_is_refused_and_nothing_changes() {
     assert_eq!(before, sha256(&fs::read(&lab.target).expect("target")));
 }
 
-#[test]
-fn zero_regions_overwrite_stale_data_with_zeros() {
-    let lab = Lab::new();
+fn zero_regions_overwrite_stale_data_with_zeros(lab: &Lab) {
     // 6 MiB zero runs over a target full of random bytes.
     let raw = os_image(40, 6, 7);
     let image = lab.file("os.img", &raw);
