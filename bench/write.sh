@@ -65,7 +65,10 @@ t_a=$(seconds bash -c "curl -sf '$url' | zstd -dc | dd of=$loopdev oflag=direct 
 drop
 t_b=$(seconds bash -c "curl -sf '$url' | zstd -dc | tee >(sha256sum > '$work/sum') | dd of=$loopdev oflag=direct bs=4M iflag=fullblock status=none")
 drop
-t_c=$(seconds /usr/bin/time -f '%M' -o "$work/rss" "$agent" write --image "$url" --sha256 "$sha" --target "$loopdev" >/dev/null 2>"$work/agent.log")
+t_c=$(seconds bash -c "/usr/bin/time -f '%M' -o '$work/rss' '$agent' write --image '$url' --sha256 '$sha' --target $loopdev >'$work/agent.log' 2>&1") || {
+    cat "$work/agent.log" >&2
+    exit 1
+}
 rss_kib=$(tail -1 "$work/rss")
 
 printf '\n%-58s %8s\n' "pipeline (${gib} GiB image, zstd, 127.0.0.1 -> $loopdev)" "seconds"

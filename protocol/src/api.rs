@@ -1,0 +1,362 @@
+//! Bodies of the HTTP API v1 (camelCase JSON), as in DESIGN.md.
+
+use crate::progress::Phase;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Node states, as Batch names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Idle,
+    Running,
+    Reimaging,
+    Rebooting,
+    Starting,
+    Unusable,
+    Offline,
+}
+
+/// Whether the node takes new tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingState {
+    Enabled,
+    Disabled,
+}
+
+/// What happens to the work on the node when it is reimaged or rebooted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeReimageOption {
+    /// Stop running tasks now and run them again on the new image.
+    #[default]
+    Requeue,
+    /// Stop running tasks now and mark them completed with a failure.
+    Terminate,
+    /// Take no new tasks and wait for the running ones.
+    TaskCompletion,
+    /// As taskcompletion, and also wait for every retention timer.
+    RetainedData,
+}
+
+/// What happens to running tasks when scheduling is disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisableSchedulingOption {
+    #[default]
+    Requeue,
+    Terminate,
+    TaskCompletion,
+}
+
+/// The image a node runs or is asked to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRef {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// A partition kept across reimages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedPartitionInfo {
+    pub index: u32,
+    pub label: String,
+    pub guid: String,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+}
+
+/// The target disk of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskInfo {
+    pub target: String,
+    pub size_bytes: u64,
+    pub saved_partitions: Vec<SavedPartitionInfo>,
+}
+
+/// `GET /v1/node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub id: String,
+    pub state: NodeState,
+    pub scheduling_state: SchedulingState,
+    pub running_tasks_count: u32,
+    pub total_tasks_run: u64,
+    pub state_transition_time: Timestamp,
+    pub last_boot_time: Option<Timestamp>,
+    pub image: Option<ImageRef>,
+    pub disk: DiskInfo,
+    pub agent_version: String,
+}
+
+/// An image given inline in a reimage request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSpec {
+    pub url: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// `POST /v1/node/reimage`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReimageRequest {
+    #[serde(default)]
+    pub node_reimage_option: NodeReimageOption,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_url: Option<String>,
+}
+
+/// `POST /v1/node/reboot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RebootRequest {
+    #[serde(default)]
+    pub node_reboot_option: NodeReimageOption,
+}
+
+/// `POST /v1/node/disablescheduling`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DisableSchedulingRequest {
+    #[serde(default)]
+    pub node_disable_scheduling_option: DisableSchedulingOption,
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationKind {
+    Reimage,
+    Reboot,
+}
+
+/// Where an operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperationStatus {
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
+/// Bytes moved by the running phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationProgress {
+    pub bytes_written: u64,
+    pub total_bytes: Option<u64>,
+    pub bytes_per_second: u64,
+}
+
+/// Why an operation failed: a stable code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationError {
+    pub code: String,
+    pub message: String,
+}
+
+/// `GET /v1/operations/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub status: OperationStatus,
+    pub phase: Option<Phase>,
+    pub progress: OperationProgress,
+    pub node_reimage_option: NodeReimageOption,
+    pub requeued_tasks: Vec<String>,
+    pub terminated_tasks: Vec<String>,
+    pub error: Option<OperationError>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// `{"name","value"}` for a task's environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvironmentSetting {
+    pub name: String,
+    pub value: String,
+}
+
+/// ISO 8601 durations (`PT1H`, `P7D`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskConstraints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wall_clock_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_time: Option<String>,
+}
+
+/// `POST /v1/tasks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddTaskRequest {
+    pub id: String,
+    pub command_line: String,
+    #[serde(default)]
+    pub environment_settings: Vec<EnvironmentSetting>,
+    #[serde(default)]
+    pub constraints: TaskConstraints,
+}
+
+/// Task states, as Batch names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Active,
+    Running,
+    Completed,
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureInfo {
+    /// `usererror` (the command failed) or `servererror` (the node stopped it).
+    pub category: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// How a task ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionInfo {
+    pub start_time: Option<Timestamp>,
+    pub end_time: Option<Timestamp>,
+    pub exit_code: Option<i32>,
+    pub requeue_count: u32,
+    pub failure_info: Option<FailureInfo>,
+}
+
+/// `GET /v1/tasks/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub id: String,
+    pub command_line: String,
+    pub environment_settings: Vec<EnvironmentSetting>,
+    pub constraints: TaskConstraints,
+    pub state: TaskState,
+    pub creation_time: Timestamp,
+    pub state_transition_time: Timestamp,
+    pub execution_info: ExecutionInfo,
+    /// When the task's directory is deleted (set once it completed).
+    pub retention_expiry: Option<Timestamp>,
+}
+
+/// A list answer: `{"value": [...]}` as Batch lists are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct List<T> {
+    pub value: Vec<T>,
+}
+
+/// The error body of every route:
+/// `{"code","message":{"lang","value"},"values":[{"key","value"}]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: ErrorMessage,
+    #[serde(default)]
+    pub values: Vec<ErrorValue>,
+}
+
+/// The human part of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub lang: String,
+    pub value: String,
+}
+
+/// A detail of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorValue {
+    pub key: String,
+    pub value: String,
+}
+
+impl ErrorBody {
+    /// An error with `code` and an English message.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code: code.into(),
+            message: ErrorMessage {
+                lang: "en-us".into(),
+                value: message.into(),
+            },
+            values: Vec::new(),
+        }
+    }
+
+    /// Adds a `{"key","value"}` detail.
+    pub fn with_value(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.values.push(ErrorValue {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reimage_options_use_the_batch_spelling() {
+        let body: ReimageRequest =
+            serde_json::from_str(r#"{"nodeReimageOption":"taskcompletion"}"#).expect("parses");
+        assert_eq!(body.node_reimage_option, NodeReimageOption::TaskCompletion);
+        let body: ReimageRequest = serde_json::from_str("{}").expect("defaults");
+        assert_eq!(body.node_reimage_option, NodeReimageOption::Requeue);
+        let err = serde_json::from_str::<ReimageRequest>(r#"{"nodeReimageOptions":"x"}"#)
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("nodeReimageOptions"));
+    }
+
+    #[test]
+    fn operation_status_is_pascal_case_and_times_are_rfc3339() {
+        let at: Timestamp = "2026-11-23T10:00:00Z".parse().expect("time");
+        let op = Operation {
+            id: "op".into(),
+            kind: OperationKind::Reimage,
+            status: OperationStatus::InProgress,
+            phase: Some(Phase::WaitingForTasks),
+            progress: OperationProgress::default(),
+            node_reimage_option: NodeReimageOption::RetainedData,
+            requeued_tasks: vec![],
+            terminated_tasks: vec![],
+            error: None,
+            created_at: at,
+            updated_at: at,
+        };
+        let json = serde_json::to_value(&op).expect("serialises");
+        assert_eq!(json["status"], "InProgress");
+        assert_eq!(json["phase"], "waitingForTasks");
+        assert_eq!(json["nodeReimageOption"], "retaineddata");
+        assert_eq!(json["createdAt"], "2026-11-23T10:00:00Z");
+    }
+
+    #[test]
+    fn the_error_body_has_the_batch_shape() {
+        let body = ErrorBody::new("NodeBeingReimaged", "busy").with_value("operationId", "op1");
+        assert_eq!(
+            serde_json::to_string(&body).expect("serialises"),
+            r#"{"code":"NodeBeingReimaged","message":{"lang":"en-us","value":"busy"},"values":[{"key":"operationId","value":"op1"}]}"#
+        );
+    }
+}
