@@ -66,6 +66,10 @@ pub enum Error {
     /// The request itself is wrong (bad hash syntax, bad device path, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The state store (`state_dir/agent.redb`) could not be read or written,
+    /// or holds a value that does not decode.
+    #[error("state store: {0}")]
+    StoreFailed(String),
     /// Any other I/O failure, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -96,6 +100,7 @@ impl Error {
             Error::DiskReadFailed { .. } => "DiskReadFailed",
             Error::ReadbackMismatch(_) => "ReadbackMismatch",
             Error::InvalidArgument(_) => "InvalidArgument",
+            Error::StoreFailed(_) => "StoreFailed",
             Error::Io { .. } => "IoError",
         }
     }

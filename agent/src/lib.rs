@@ -11,5 +11,7 @@ pub mod image;
 pub mod pipeline;
 pub mod progress;
 pub mod reboot;
+pub mod store;
+pub mod tasks;
 
 pub use error::{Error, Result};

@@ -1,0 +1,147 @@
+//! What the store keeps of a task: the wire [`Task`] plus what only the
+//! agent needs (creation order, parsed limits, the running process's
+//! identity, whether the retention timer already deleted the files).
+
+use super::TaskError;
+use super::duration::parse_duration;
+use super::process::ProcessIdentity;
+use reimage_protocol::api::{AddTaskRequest, ExecutionInfo, Task, TaskState};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Longest task id, as in Batch.
+const MAX_ID_LEN: usize = 64;
+
+/// Prefix of the environment variables the agent sets for every task.
+pub(crate) const RESERVED_ENV_PREFIX: &str = "REIMAGE_TASK_";
+
+/// One task as persisted in [`crate::store::Table::Tasks`] under its id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TaskRecord {
+    /// What the API shows.
+    pub task: Task,
+    /// Creation order: tasks start in this order.
+    pub seq: u64,
+    /// `constraints.maxWallClockTime`, parsed.
+    pub max_wall_clock: Option<Duration>,
+    /// `constraints.retentionTime`, parsed, or the default when the task was added.
+    pub retention: Duration,
+    /// The process group leader while the task is `running`.
+    pub process: Option<ProcessIdentity>,
+    /// Size of the task's directory when it completed (what retention holds).
+    pub retained_bytes: u64,
+    /// The retention timer fired and the task's directory is gone.
+    pub files_deleted: bool,
+}
+
+impl TaskRecord {
+    /// Checks `request` and makes the record of a new `active` task.
+    pub fn new(
+        request: AddTaskRequest,
+        seq: u64,
+        default_retention: Duration,
+        now: jiff::Timestamp,
+    ) -> Result<TaskRecord, TaskError> {
+        check_id(&request.id)?;
+        check_command_line(&request.command_line)?;
+        for setting in &request.environment_settings {
+            check_env(&setting.name, &setting.value)?;
+        }
+        let max_wall_clock = match &request.constraints.max_wall_clock_time {
+            Some(value) => {
+                let limit = parse_duration("maxWallClockTime", value)?;
+                if limit.is_zero() {
+                    return Err(TaskError::InvalidDuration {
+                        field: "maxWallClockTime".into(),
+                        value: value.clone(),
+                        reason: "a task needs some time to run".into(),
+                    });
+                }
+                Some(limit)
+            }
+            None => None,
+        };
+        let retention = match &request.constraints.retention_time {
+            Some(value) => parse_duration("retentionTime", value)?,
+            None => default_retention,
+        };
+        Ok(TaskRecord {
+            task: Task {
+                id: request.id,
+                command_line: request.command_line,
+                environment_settings: request.environment_settings,
+                constraints: request.constraints,
+                state: TaskState::Active,
+                creation_time: now,
+                state_transition_time: now,
+                execution_info: ExecutionInfo::default(),
+                retention_expiry: None,
+            },
+            seq,
+            max_wall_clock,
+            retention,
+            process: None,
+            retained_bytes: 0,
+            files_deleted: false,
+        })
+    }
+
+    /// The task's directory is kept (not yet deleted by its retention timer).
+    pub fn holds_files(&self) -> bool {
+        self.task.state == TaskState::Completed && !self.files_deleted
+    }
+}
+
+/// Ids are 1 to 64 characters of `[A-Za-z0-9_-]`: they name a directory,
+/// so nothing else (no `/`, no `..`) may get in.
+pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
+    let invalid = |reason: &str| TaskError::InvalidTaskId {
+        id: id.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if id.is_empty() {
+        return Err(invalid("an id cannot be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(invalid("an id has at most 64 characters"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(invalid(
+            "an id may hold only letters, digits, hyphens and underscores",
+        ));
+    }
+    Ok(())
+}
+
+fn check_command_line(command_line: &str) -> Result<(), TaskError> {
+    if command_line.trim().is_empty() {
+        return Err(TaskError::InvalidCommandLine("it is empty".into()));
+    }
+    if command_line.contains('\0') {
+        return Err(TaskError::InvalidCommandLine("it holds a NUL byte".into()));
+    }
+    Ok(())
+}
+
+fn check_env(name: &str, value: &str) -> Result<(), TaskError> {
+    let invalid = |reason: &str| TaskError::InvalidEnvironmentSetting {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Err(invalid("a name must be non-empty, without '=' or NUL"));
+    }
+    if value.contains('\0') {
+        return Err(invalid("the value holds a NUL byte"));
+    }
+    if name.starts_with(RESERVED_ENV_PREFIX) {
+        return Err(invalid(
+            "names starting with REIMAGE_TASK_ are set by the agent",
+        ));
+    }
+    Ok(())
+}
