@@ -66,6 +66,10 @@ pub enum Error {
     /// The request itself is wrong (bad hash syntax, bad device path, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The agent's configuration cannot be read or is not valid; the message
+    /// names the file, the key and, where known, the line.
+    #[error("{0}")]
+    ConfigInvalid(String),
     /// Any other I/O failure, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -96,6 +100,7 @@ impl Error {
             Error::DiskReadFailed { .. } => "DiskReadFailed",
             Error::ReadbackMismatch(_) => "ReadbackMismatch",
             Error::InvalidArgument(_) => "InvalidArgument",
+            Error::ConfigInvalid(_) => "ConfigInvalid",
             Error::Io { .. } => "IoError",
         }
     }
