@@ -70,6 +70,10 @@ pub enum Error {
     /// or holds a value that does not decode.
     #[error("state store: {0}")]
     StoreFailed(String),
+    /// The agent's configuration cannot be read or is not valid; the message
+    /// names the file, the key and, where known, the line.
+    #[error("{0}")]
+    ConfigInvalid(String),
     /// Any other I/O failure, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -101,6 +105,7 @@ impl Error {
             Error::ReadbackMismatch(_) => "ReadbackMismatch",
             Error::InvalidArgument(_) => "InvalidArgument",
             Error::StoreFailed(_) => "StoreFailed",
+            Error::ConfigInvalid(_) => "ConfigInvalid",
             Error::Io { .. } => "IoError",
         }
     }

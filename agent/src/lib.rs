@@ -5,12 +5,14 @@
 //! The pipeline reads as its diagram, see [`pipeline::write_image`]:
 //! `source → decode → hash → sink → verify`.
 
+pub mod config;
 pub mod disk;
 pub mod error;
 pub mod image;
 pub mod pipeline;
 pub mod progress;
 pub mod reboot;
+pub mod service;
 pub mod store;
 pub mod tasks;
 

@@ -1,6 +1,7 @@
 //! `reimage-agent`: the daemon and the lab commands (a thin layer over the
 //! library; flags are documented where they are defined).
 
+mod config_cmd;
 mod display;
 mod image_cmd;
 mod write_cmd;
@@ -26,6 +27,9 @@ enum Command {
     /// Pack, inspect and check images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Check a config file: print a summary if it is valid, the key and line
+    /// of the first problem if not.
+    CheckConfig(config_cmd::CheckConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Write(args) => write_cmd::run(args),
         Command::Image(command) => image_cmd::run(command),
+        Command::CheckConfig(args) => config_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,112 @@
+//! The shipped systemd pieces: the unit passes `systemd-analyze verify`,
+//! and the example config is one the agent accepts.
+
+use reimage_agent::config::Config;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+}
+
+fn unit_text() -> String {
+    fs::read_to_string(systemd_dir().join("reimage-agent.service")).expect("unit file")
+}
+
+/// The value of `key=` in the unit (the last one wins, as in systemd).
+fn unit_setting(unit: &str, key: &str) -> Option<String> {
+    unit.lines()
+        .filter_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+        .map(str::to_string)
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if !analyze.is_ok_and(|o| o.status.success()) {
+        println!(
+            "skipping the_unit_passes_systemd_analyze_verify: systemd-analyze is not installed (apt-get install systemd)"
+        );
+        return;
+    }
+    // verify checks that ExecStart= exists: point it at the binary just built.
+    let unit = unit_text();
+    let exec = unit_setting(&unit, "ExecStart").expect("ExecStart");
+    assert!(exec.starts_with("/usr/bin/reimage-agent serve "), "{exec}");
+    let rewritten = unit.replace(
+        "/usr/bin/reimage-agent",
+        env!("CARGO_BIN_EXE_reimage-agent"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("reimage-agent.service");
+    fs::write(&path, rewritten).expect("write unit");
+
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "verify failed:\n{said}");
+    // Unknown or misspelt keys are only warnings, with exit status 0.
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|line| line.contains("reimage-agent"))
+        .collect();
+    assert!(complaints.is_empty(), "verify complained:\n{said}");
+}
+
+#[test]
+fn the_unit_is_a_notify_service_with_a_watchdog() {
+    let unit = unit_text();
+    for (key, value) in [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("WatchdogSec", "30s"),
+        ("Restart", "on-failure"),
+        ("KillMode", "mixed"),
+        ("StateDirectory", "reimage-agent"),
+        ("ConfigurationDirectory", "reimage-agent"),
+        ("ProtectSystem", "strict"),
+        ("PrivateDevices", "no"),
+        ("NoNewPrivileges", "yes"),
+    ] {
+        assert_eq!(unit_setting(&unit, key).as_deref(), Some(value), "{key}=");
+    }
+    // Any device allow-list would close the target disk.
+    assert_eq!(unit_setting(&unit, "DeviceAllow"), None);
+    assert_eq!(unit_setting(&unit, "ProtectClock"), None);
+}
+
+#[test]
+fn the_stop_timeout_outlasts_the_example_kill_grace() {
+    let config = Config::load(&systemd_dir().join("agent.toml")).expect("example loads");
+    let timeout = unit_setting(&unit_text(), "TimeoutStopSec").expect("TimeoutStopSec");
+    let seconds: u64 = timeout
+        .strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .expect("TimeoutStopSec in seconds");
+    assert!(
+        Duration::from_secs(seconds) > config.tasks.kill_grace + Duration::from_secs(30),
+        "TimeoutStopSec={timeout} leaves no time after kill_grace {:?}",
+        config.tasks.kill_grace
+    );
+}
+
+#[test]
+fn the_example_config_loads() {
+    let config = Config::load(&systemd_dir().join("agent.toml")).expect("example loads");
+    assert_eq!(config.agent.state_dir, Path::new("/var/lib/reimage-agent"));
+    assert_eq!(
+        unit_setting(&unit_text(), "ReadWritePaths").as_deref(),
+        config.agent.state_dir.to_str(),
+        "the unit lets the agent write its state dir"
+    );
+}
