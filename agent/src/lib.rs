@@ -5,10 +5,13 @@
 //! The pipeline reads as its diagram, see [`pipeline::write_image`]:
 //! `source → decode → hash → sink → verify`.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod image;
+pub mod ops;
 pub mod pipeline;
 pub mod progress;
 pub mod reboot;

@@ -106,22 +106,45 @@ pub struct WriteReport {
     pub elapsed: Duration,
 }
 
+/// A failed write, and whether it got as far as changing the disk (then the
+/// disk holds only the saved partitions and no bootable system).
+#[derive(Debug)]
+pub struct WriteFailure {
+    pub error: Error,
+    pub disk_touched: bool,
+}
+
+impl From<Error> for WriteFailure {
+    fn from(error: Error) -> Self {
+        WriteFailure {
+            error,
+            disk_touched: false,
+        }
+    }
+}
+
 /// Streams, verifies and writes the image; see the module docs for the order.
 /// On any failure after the disk was touched, the partition table is reset to
 /// one holding only the saved partitions.
 pub fn write_image(
     request: &WriteRequest,
     report: &mut dyn FnMut(&WriteProgress),
-) -> Result<WriteReport> {
+) -> Result<WriteReport, WriteFailure> {
     let started = Instant::now();
     let target = Target::open_for_write(&request.target)?;
     let job = Job::plan(&target, request)?;
     let mut meter = ProgressMeter::new(report);
     let result = job.run(request, &mut meter);
-    if let Err(err) = &result {
-        job.reset_after_failure(err);
-    }
-    let (format, streamed) = result?;
+    let (format, streamed) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            job.reset_after_failure(&error);
+            return Err(WriteFailure {
+                error,
+                disk_touched: job.touched.get(),
+            });
+        }
+    };
     Ok(WriteReport {
         format,
         size: streamed.size,

@@ -575,7 +575,7 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 /// reqwest is built without a default TLS crypto provider; rustls needs one
 /// per process, and a second install (by anyone) is harmless to ignore.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();

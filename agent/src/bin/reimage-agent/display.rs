@@ -6,17 +6,6 @@ use reimage_agent::Error;
 use reimage_protocol::{Phase, WriteProgress};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use tracing_subscriber::EnvFilter;
-
-/// Logs to stderr, `RUST_LOG` to tune (default `info`).
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
 
 /// `<context>: <Code>: <cause>`: the contexts the binary added, then the
 /// pipeline's typed error with its stable code. The typed error's message

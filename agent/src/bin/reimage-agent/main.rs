@@ -2,8 +2,10 @@
 //! library; flags are documented where they are defined).
 
 mod config_cmd;
+mod demo_cmd;
 mod display;
 mod image_cmd;
+mod serve_cmd;
 mod write_cmd;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +24,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole local cycle in a temporary sandbox, narrated.
+    Demo,
+    /// Run the daemon (the sandbox when there is no configuration).
+    Serve(serve_cmd::ServeArgs),
     /// Write an image to a disk or file once (lab one-shot of the reimage pipeline).
     Write(write_cmd::WriteArgs),
     /// Pack, inspect and check images.
@@ -34,8 +40,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    display::init_logging();
+    // journald under systemd (JOURNAL_STREAM), stderr otherwise.
+    reimage_agent::service::init_logging("info");
     let result = match cli.command {
+        Command::Demo => demo_cmd::run(),
+        Command::Serve(args) => serve_cmd::run(args),
         Command::Write(args) => write_cmd::run(args),
         Command::Image(command) => image_cmd::run(command),
         Command::CheckConfig(args) => config_cmd::run(args),

@@ -75,7 +75,9 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     let mut progress = ProgressOutput::new(args.progress_fd)?;
     let result = pipeline::write_image(&request, &mut |p| progress.show(p));
     progress.clear();
-    let report = result.with_context(|| format!("writing {}", args.target.display()))?;
+    let report = result
+        .map_err(|failure| failure.error)
+        .with_context(|| format!("writing {}", args.target.display()))?;
     tracing::info!(
         size = report.size,
         sha256 = %report.sha256,

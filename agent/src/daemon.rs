@@ -1,0 +1,145 @@
+//! `reimage-agent serve`: the store, the tasks, the operations and the API,
+//! wired together under systemd's eye (READY, WATCHDOG, STOPPING).
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::disk::device::Target;
+use crate::disk::gpt::format_guid;
+use crate::disk::saved::{SaveSpec, SavedPartitions};
+use crate::ops::Agent;
+use crate::service;
+use crate::store::Store;
+use crate::tasks::{TaskManager, TasksConfig};
+use crate::{Error, Result};
+use reimage_protocol::api::{DiskInfo, SavedPartitionInfo};
+use std::sync::Arc;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> Result<()> {
+    Daemon::start(config)
+        .await?
+        .run_until(shutdown_signal())
+        .await
+}
+
+/// A started daemon: state loaded, operations recovered, socket bound.
+pub struct Daemon {
+    agent: Arc<Agent>,
+    router: axum::Router,
+    listener: tokio::net::TcpListener,
+    /// Where the API listens (useful with port 0).
+    pub address: std::net::SocketAddr,
+}
+
+impl Daemon {
+    /// Opens the store, starts the tasks, recovers operations and binds
+    /// `[api] listen`.
+    pub async fn start(config: Config) -> Result<Daemon> {
+        if config.api.tls_cert.is_some() {
+            return Err(Error::InvalidArgument(
+                "[api] tls_cert is set, but this build serves plain HTTP only; remove it or put a TLS proxy in front".into(),
+            ));
+        }
+        let store = Arc::new(Store::open(&config.agent.state_dir)?);
+        let tasks = TaskManager::start(
+            Arc::clone(&store),
+            TasksConfig {
+                work_dir: config.tasks.work_dir.clone(),
+                default_retention: config.tasks.default_retention,
+                kill_grace: config.tasks.kill_grace,
+            },
+        )
+        .await?;
+        let disk = describe_disk(&config);
+        let agent = Agent::start(config.clone(), store, tasks, disk)?;
+        let listener = tokio::net::TcpListener::bind(config.api.listen)
+            .await
+            .map_err(|e| Error::io(format!("listening on {}", config.api.listen), e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listening address", e))?;
+        tracing::info!(%address, node = %config.agent.node_id, target = %config.disk.target.display(), "serving the API");
+        let router = api::router(ApiState {
+            agent: Arc::clone(&agent),
+            tokens: Arc::new(config.api.tokens.clone()),
+        });
+        Ok(Daemon {
+            agent,
+            router,
+            listener,
+            address,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, telling systemd where it stands.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        service::notify_ready(&format!("serving on {}", self.address));
+        service::spawn_watchdog();
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::io("serving the API", e))?;
+        service::notify_stopping();
+        self.agent.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The target and its saved partitions as `GET /v1/node` shows them. A
+/// target that cannot be read is logged, not fatal: the API must come up to
+/// report it.
+fn describe_disk(config: &Config) -> DiskInfo {
+    let target = config.disk.target.display().to_string();
+    let read = || -> Result<DiskInfo> {
+        let device = Target::open_read_only(&config.disk.target)?;
+        let spec = SaveSpec {
+            labels: config.disk.save_partlabel.clone(),
+            indexes: config.disk.save_partindex.clone(),
+        };
+        let mut file = std::fs::File::open(&config.disk.target)
+            .map_err(|e| Error::io(format!("opening {target}"), e))?;
+        let saved = SavedPartitions::find(&mut file, device.logical_block_size(), &spec)?;
+        let sector = saved.sector_size();
+        Ok(DiskInfo {
+            target: target.clone(),
+            size_bytes: device.size(),
+            saved_partitions: saved
+                .iter()
+                .map(|p| SavedPartitionInfo {
+                    index: p.index,
+                    label: p.label().to_string(),
+                    guid: format_guid(&p.entry.unique_partition_guid),
+                    start_bytes: p.entry.starting_lba * sector,
+                    size_bytes: (p.entry.ending_lba + 1 - p.entry.starting_lba) * sector,
+                })
+                .collect(),
+        })
+    };
+    read().unwrap_or_else(|err| {
+        tracing::warn!(%target, %err, "cannot describe the target disk");
+        DiskInfo {
+            target: target.clone(),
+            size_bytes: 0,
+            saved_partitions: Vec::new(),
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

@@ -1,0 +1,100 @@
+//! What the store keeps about the node and each operation.
+
+use jiff::Timestamp;
+use reimage_protocol::api::{
+    ImageRef, NodeReimageOption, NodeState, Operation, OperationKind, OperationProgress,
+    OperationStatus, ReimageRequest, SchedulingState,
+};
+use serde::{Deserialize, Serialize};
+
+/// The node's persisted state; the visible state is derived from it, the
+/// current operation and the running tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub scheduling: SchedulingState,
+    /// The last write left the disk with only the saved partitions.
+    pub unusable: bool,
+    /// The image the node runs, as far as the agent knows.
+    pub image: Option<ImageRef>,
+    /// Written and verified, becomes `image` once the reboot is confirmed.
+    pub pending_image: Option<ImageRef>,
+    pub last_state: NodeState,
+    pub state_transition_time: Timestamp,
+}
+
+impl NodeRecord {
+    /// A node seen for the first time.
+    pub fn new() -> Self {
+        NodeRecord {
+            scheduling: SchedulingState::Enabled,
+            unusable: false,
+            image: None,
+            pending_image: None,
+            last_state: NodeState::Idle,
+            state_transition_time: Timestamp::now(),
+        }
+    }
+}
+
+/// An operation as the API shows it, plus what the agent needs to resume it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub operation: Operation,
+    /// The reimage request, to re-read the image choice after a restart.
+    pub request: Option<ReimageRequest>,
+    /// Where the image comes from (URL or manifest), for logs.
+    pub image_source: Option<String>,
+    /// The boot the node was in when it started rebooting: a different one
+    /// at start-up means the reboot happened.
+    pub boot_id: Option<String>,
+}
+
+impl OperationRecord {
+    /// A new operation, `InProgress`.
+    pub fn new(
+        kind: OperationKind,
+        option: NodeReimageOption,
+        request: Option<ReimageRequest>,
+        image_source: Option<String>,
+    ) -> Self {
+        let now = Timestamp::now();
+        OperationRecord {
+            operation: Operation {
+                id: new_id(),
+                kind,
+                status: OperationStatus::InProgress,
+                phase: None,
+                progress: OperationProgress::default(),
+                node_reimage_option: option,
+                requeued_tasks: Vec::new(),
+                terminated_tasks: Vec::new(),
+                error: None,
+                created_at: now,
+                updated_at: now,
+            },
+            request,
+            image_source,
+            boot_id: None,
+        }
+    }
+}
+
+/// A random identifier in UUID form (request ids, operation ids).
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    // Without the kernel's randomness, fall back to time: ids must exist.
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes[..16].copy_from_slice(&Timestamp::now().as_nanosecond().to_le_bytes());
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}

@@ -1,0 +1,474 @@
+//! `reimage-agent serve` end to end: the real daemon on 127.0.0.1, real
+//! tasks, a real HTTP image server, a real disk file; the saved partition's
+//! SHA-256 is checked after every reimage.
+
+use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
+use reimage_e2e::http_server::{Fault, FaultServer};
+use reimage_e2e::images::{
+    os_image, partition_labels, partition_sha256, sha256, target_disk, zstd,
+};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+struct Node {
+    daemon: Daemon,
+    server: FaultServer,
+    image_sha: String,
+    disk: PathBuf,
+    storage_sha: String,
+    _dir: tempfile::TempDir,
+}
+
+/// An agent with a 64 MiB disk (local-storage at its end) and a 16 MiB image
+/// served from 127.0.0.1.
+fn node() -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    let storage_sha = target_disk(&disk, 64, 16, 41);
+    let raw = os_image(16, 1, 42);
+    let server = FaultServer::start(
+        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
+        Fault::None,
+    );
+    let daemon = Daemon::start(&write_config(dir.path(), ""));
+    Node {
+        daemon,
+        server,
+        image_sha: sha256(&raw),
+        disk,
+        storage_sha,
+        _dir: dir,
+    }
+}
+
+impl Node {
+    fn reimage_body(&self, option: &str) -> Value {
+        json!({
+            "nodeReimageOption": option,
+            "image": {"url": self.server.url("/os.img.zst"), "sha256": self.image_sha},
+        })
+    }
+
+    /// Starts a reimage and returns the operation id.
+    fn reimage(&self, option: &str) -> String {
+        let (status, body) = self
+            .daemon
+            .post("/v1/node/reimage", ADMIN, self.reimage_body(option));
+        assert_eq!(status, 202, "reimage accepted: {body}");
+        body["id"].as_str().expect("operation id").to_string()
+    }
+
+    fn add_task(&self, id: &str, command: &str, retention: Option<&str>) {
+        let mut body = json!({"id": id, "commandLine": command});
+        if let Some(retention) = retention {
+            body["constraints"] = json!({"retentionTime": retention});
+        }
+        let (status, body) = self.daemon.post("/v1/tasks", OPERATOR, body);
+        assert_eq!(status, 201, "task added: {body}");
+    }
+
+    fn wait_task(&self, id: &str, state: &str) -> Value {
+        self.daemon.wait_for(
+            &format!("task {id} {state}"),
+            &format!("/v1/tasks/{id}"),
+            |t| t["state"] == state,
+        )
+    }
+
+    fn assert_storage_intact(&self) {
+        let (sha, _) =
+            partition_sha256(&self.disk, "local-storage").expect("local-storage in the table");
+        assert_eq!(sha, self.storage_sha, "local-storage bytes unchanged");
+    }
+
+    fn assert_new_image(&self) {
+        let labels: Vec<String> = partition_labels(&self.disk)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        assert_eq!(labels, vec!["efi", "root", "local-storage"]);
+        self.assert_storage_intact();
+    }
+}
+
+#[test]
+fn requeue_stops_running_tasks_and_runs_them_again_on_the_new_image() {
+    let node = node();
+    node.add_task("long", "echo started >> runs.txt; sleep 1000", None);
+    node.wait_task("long", "running");
+    let op = node.reimage("requeue");
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(done["requeuedTasks"], json!(["long"]));
+    assert_eq!(done["kind"], "reimage");
+    node.assert_new_image();
+    let task = node.wait_task("long", "running");
+    assert_eq!(task["executionInfo"]["requeueCount"], 1, "{task}");
+    let nodeinfo = node.daemon.get("/v1/node");
+    assert_eq!(nodeinfo["image"]["sha256"], node.image_sha.as_str());
+    assert_eq!(nodeinfo["state"], "running");
+}
+
+#[test]
+fn terminate_completes_running_tasks_with_a_failure() {
+    let node = node();
+    node.add_task("long", "sleep 1000", None);
+    node.wait_task("long", "running");
+    let op = node.reimage("terminate");
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(done["terminatedTasks"], json!(["long"]));
+    let task = node.daemon.get("/v1/tasks/long");
+    assert_eq!(task["state"], "completed");
+    assert!(
+        task["executionInfo"]["failureInfo"]["code"].is_string(),
+        "{task}"
+    );
+    node.assert_new_image();
+    assert_eq!(node.daemon.get("/v1/node")["state"], "idle");
+}
+
+#[test]
+fn taskcompletion_waits_for_running_tasks_and_refuses_new_ones() {
+    let node = node();
+    node.add_task("short", "sleep 3; echo done", None);
+    node.wait_task("short", "running");
+    let op = node.reimage("taskcompletion");
+    let waiting = node
+        .daemon
+        .wait_for("waitingForTasks", &format!("/v1/operations/{op}"), |o| {
+            o["phase"] == "waitingForTasks"
+        });
+    assert_eq!(waiting["status"], "InProgress");
+    assert_eq!(node.daemon.get("/v1/node")["state"], "reimaging");
+    let (status, body) = node.daemon.post(
+        "/v1/tasks",
+        OPERATOR,
+        json!({"id": "late", "commandLine": "true"}),
+    );
+    assert_eq!(status, 409, "no new tasks while waiting: {body}");
+    let (status, body) = node
+        .daemon
+        .post("/v1/node/reimage", ADMIN, node.reimage_body("requeue"));
+    assert_eq!(status, 409);
+    assert_eq!(body["code"], "NodeBeingReimaged", "{body}");
+
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    let task = node.daemon.get("/v1/tasks/short");
+    assert_eq!(task["state"], "completed");
+    assert_eq!(
+        task["executionInfo"]["exitCode"], 0,
+        "the task ran to its end: {task}"
+    );
+    let task_end: jiff::Timestamp = task["executionInfo"]["endTime"]
+        .as_str()
+        .expect("end")
+        .parse()
+        .expect("time");
+    let op_end: jiff::Timestamp = done["updatedAt"]
+        .as_str()
+        .expect("updated")
+        .parse()
+        .expect("time");
+    assert!(task_end <= op_end, "the reimage finished after the task");
+    node.assert_new_image();
+}
+
+#[test]
+fn retaineddata_also_waits_for_retention_to_expire() {
+    let node = node();
+    node.add_task("kept", "echo result > out.txt", Some("PT3S"));
+    let task = node.wait_task("kept", "completed");
+    assert!(task["retentionExpiry"].is_string(), "{task}");
+    let op = node.reimage("retaineddata");
+    node.daemon.wait_for(
+        "waitingForRetention",
+        &format!("/v1/operations/{op}"),
+        |o| o["phase"] == "waitingForRetention" || o["status"] != "InProgress",
+    );
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    let expiry: jiff::Timestamp = task["retentionExpiry"]
+        .as_str()
+        .expect("expiry")
+        .parse()
+        .expect("time");
+    let op_end: jiff::Timestamp = done["updatedAt"]
+        .as_str()
+        .expect("updated")
+        .parse()
+        .expect("time");
+    assert!(
+        op_end >= expiry,
+        "the reimage waited for the retention timer"
+    );
+    let (status, _, _) = node.daemon.request(
+        Method::GET,
+        "/v1/tasks/kept/files/stdout.txt",
+        Some(READER),
+        None,
+        &[],
+    );
+    assert_eq!(status, 404, "the retained data is gone");
+    node.assert_new_image();
+}
+
+#[test]
+fn a_bad_image_fails_the_operation_and_keeps_local_storage() {
+    let node = node();
+    let body = json!({
+        "image": {"url": node.server.url("/os.img.zst"), "sha256": "0".repeat(64)},
+    });
+    let (status, body) = node.daemon.post("/v1/node/reimage", ADMIN, body);
+    assert_eq!(status, 202, "{body}");
+    let done = node.daemon.wait_operation(body["id"].as_str().expect("id"));
+    assert_eq!(done["status"], "Failed");
+    assert_eq!(done["error"]["code"], "ImageChecksumMismatch", "{done}");
+    node.assert_storage_intact();
+    let labels: Vec<String> = partition_labels(&node.disk)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(labels, vec!["local-storage"]);
+    assert_eq!(node.daemon.get("/v1/node")["state"], "unusable");
+    // An unusable node can be reimaged to recover.
+    let op = node.reimage("requeue");
+    assert_eq!(node.daemon.wait_operation(&op)["status"], "Succeeded");
+    assert_eq!(node.daemon.get("/v1/node")["state"], "idle");
+    node.assert_new_image();
+}
+
+#[test]
+fn the_same_client_request_id_returns_the_same_operation() {
+    let node = node();
+    let headers = [("client-request-id", "retry-1")];
+    let first = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(node.reimage_body("requeue")),
+        &headers,
+    );
+    let second = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(node.reimage_body("requeue")),
+        &headers,
+    );
+    assert_eq!(first.0, 202);
+    assert_eq!(second.0, 202);
+    assert_eq!(first.2["id"], second.2["id"], "one operation");
+    assert_eq!(first.1["request-id"], first.2["id"].as_str().expect("id"));
+    assert_eq!(
+        first.1["location"],
+        format!("/v1/operations/{}", first.2["id"].as_str().expect("id")).as_str()
+    );
+    node.daemon
+        .wait_operation(first.2["id"].as_str().expect("id"));
+    assert_eq!(
+        node.daemon.get("/v1/operations")["value"]
+            .as_array()
+            .expect("list")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn tokens_and_roles_guard_every_change() {
+    let node = node();
+    let (status, headers, body) = node
+        .daemon
+        .request(Method::GET, "/v1/node", None, None, &[]);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["code"], "AuthenticationFailed");
+    assert_eq!(body["message"]["lang"], "en-us");
+    assert!(headers.contains_key("request-id"));
+    let (status, _, _) = node
+        .daemon
+        .request(Method::GET, "/v1/node", Some("wrong"), None, &[]);
+    assert_eq!(status, 401);
+    let (status, body) = node
+        .daemon
+        .post("/v1/node/reimage", READER, node.reimage_body("requeue"));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "InsufficientPermissions");
+    let (status, _) = node
+        .daemon
+        .post("/v1/node/reimage", OPERATOR, node.reimage_body("requeue"));
+    assert_eq!(status, 403);
+    let (status, _) = node.daemon.post(
+        "/v1/tasks",
+        READER,
+        json!({"id": "t", "commandLine": "true"}),
+    );
+    assert_eq!(status, 403);
+    assert!(
+        node.daemon.get("/v1/operations")["value"]
+            .as_array()
+            .expect("list")
+            .is_empty(),
+        "nothing started"
+    );
+    let (status, _, body) = node
+        .daemon
+        .request(Method::GET, "/healthz", None, None, &[]);
+    assert_eq!((status, body), (200, Value::String("ok".into())));
+}
+
+#[test]
+fn bad_requests_get_the_error_body() {
+    let node = node();
+    let (status, _, body) =
+        node.daemon
+            .request(Method::GET, "/v1/operations/nope", Some(READER), None, &[]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("OperationNotFound"))
+    );
+    let (status, _, body) =
+        node.daemon
+            .request(Method::GET, "/v1/tasks/nope", Some(READER), None, &[]);
+    assert_eq!((status, body["code"].as_str()), (404, Some("TaskNotFound")));
+    let (status, body) = node.daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"nodeReimageOption": "sometimes"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]["value"]
+            .as_str()
+            .expect("message")
+            .contains("sometimes"),
+        "{body}"
+    );
+    let (status, body) = node.daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"image": {"url": "ftp://x/y", "sha256": "0".repeat(64)}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = node.daemon.post("/v1/node/reimage", ADMIN, json!({}));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("MissingImage")),
+        "{body}"
+    );
+    let huge = "x".repeat(100 * 1024);
+    let (status, body) = node.daemon.post(
+        "/v1/tasks",
+        OPERATOR,
+        json!({"id": "big", "commandLine": huge}),
+    );
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = node.daemon.post(
+        "/v1/tasks",
+        OPERATOR,
+        json!({"id": "../x", "commandLine": "true"}),
+    );
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn a_task_running_when_the_agent_is_killed_runs_again_after_restart() {
+    let mut node = node();
+    node.add_task("survivor", "echo run >> ../runs.txt; sleep 1000", None);
+    node.wait_task("survivor", "running");
+    node.daemon.kill9_and_restart();
+    let task = node
+        .daemon
+        .wait_for("the requeued task to run", "/v1/tasks/survivor", |t| {
+            t["state"] == "running" && t["executionInfo"]["requeueCount"] == 1
+        });
+    assert_eq!(task["id"], "survivor");
+    let tasks = node.daemon.get("/v1/tasks")["value"]
+        .as_array()
+        .expect("list")
+        .len();
+    assert_eq!(tasks, 1, "the task is neither lost nor duplicated");
+}
+
+#[test]
+fn an_operation_cut_off_mid_write_is_failed_with_a_reason_after_restart() {
+    let mut node = node();
+    // A slow server keeps the write in progress long enough to kill it.
+    node.server.set_fault(Fault::SlowBytesPerSec(256 * 1024));
+    let op = node.reimage("requeue");
+    node.daemon
+        .wait_for("the write to start", &format!("/v1/operations/{op}"), |o| {
+            o["phase"] == "downloading"
+                && o["progress"]["bytesWritten"].as_u64().unwrap_or(0) > 1 << 20
+        });
+    node.daemon.kill9_and_restart();
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Failed", "never left InProgress: {done}");
+    assert_eq!(done["error"]["code"], "AgentRestarted");
+    node.assert_storage_intact();
+    assert_eq!(node.daemon.get("/v1/node")["state"], "unusable");
+    node.server.set_fault(Fault::None);
+    let again = node.reimage("requeue");
+    assert_eq!(node.daemon.wait_operation(&again)["status"], "Succeeded");
+    node.assert_new_image();
+}
+
+#[test]
+fn operations_and_tasks_survive_a_restart() {
+    let mut node = node();
+    node.add_task("quick", "true", None);
+    node.wait_task("quick", "completed");
+    let op = node.reimage("requeue");
+    node.daemon.wait_operation(&op);
+    let status = node.daemon.terminate();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    node.daemon.kill9_and_restart();
+    assert_eq!(
+        node.daemon.get(&format!("/v1/operations/{op}"))["status"],
+        "Succeeded"
+    );
+    assert_eq!(node.daemon.get("/v1/tasks/quick")["state"], "completed");
+    assert_eq!(node.daemon.get("/v1/node")["totalTasksRun"], 1);
+}
+
+#[test]
+fn disabling_scheduling_keeps_tasks_queued_until_enabled() {
+    let node = node();
+    let (status, _) = node.daemon.post(
+        "/v1/node/disablescheduling",
+        OPERATOR,
+        json!({"nodeDisableSchedulingOption": "requeue"}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(node.daemon.get("/v1/node")["schedulingState"], "disabled");
+    node.add_task("queued", "true", None);
+    assert_eq!(node.daemon.get("/v1/tasks/queued")["state"], "active");
+    let (status, _) = node
+        .daemon
+        .post("/v1/node/enablescheduling", OPERATOR, json!({}));
+    assert_eq!(status, 200);
+    node.wait_task("queued", "completed");
+}
+
+#[test]
+fn metrics_show_operations_and_tasks() {
+    let node = node();
+    node.add_task("m", "true", None);
+    node.wait_task("m", "completed");
+    let (status, _, body) = node
+        .daemon
+        .request(Method::GET, "/metrics", Some(READER), None, &[]);
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("text");
+    assert!(
+        text.contains("reimage_tasks{state=\"completed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("reimage_operations{status=\"Succeeded\"} 0"),
+        "{text}"
+    );
+}
