@@ -34,17 +34,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== making a ${gib} GiB image (random and zero regions, GPT)"
-truncate -s "${gib}G" "$work/os.img"
-sgdisk -n 1:1M:+64M -c 1:efi -n 2:0:0 -c 2:root "$work/os.img" >/dev/null
-# 8 MiB of random data every 16 MiB: half random, half zero runs.
-mibs=$(( gib * 1024 ))
-random_8m() { head -c 8M /dev/urandom; }
-for (( mib = 1; mib + 8 < mibs; mib += 16 )); do
-    random_8m | dd of="$work/os.img" bs=1M seek="$mib" conv=notrunc status=none
-done
-zstd -q -T0 -3 "$work/os.img" -o "$work/os.img.zst"
-sha=$(sha256sum "$work/os.img" | cut -d' ' -f1)
-rm "$work/os.img"
+sha=$(bench/make-image.sh "$work" "$gib")
 echo "compressed: $(stat -c %s "$work/os.img.zst") bytes"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -147,3 +147,29 @@ fn a_raw_image_larger_than_the_target_is_refused_before_writing() {
         "untouched"
     );
 }
+
+#[test]
+fn the_demo_runs_a_whole_cycle_and_cleans_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(env!("CARGO_BIN_EXE_reimage-agent"))
+        .arg("demo")
+        .env("TMPDIR", dir.path())
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for option in ["requeue", "terminate", "taskcompletion", "retaineddata"] {
+        assert!(
+            stdout.contains(&format!("nodeReimageOption \"{option}\"")),
+            "{stdout}"
+        );
+    }
+    assert_eq!(stdout.matches("(unchanged)").count(), 4, "{stdout}");
+    assert!(stdout.contains("done: four reimages"), "{stdout}");
+    let left: Vec<_> = fs::read_dir(dir.path()).expect("tempdir").collect();
+    assert!(left.is_empty(), "the sandbox is removed");
+}

@@ -14,6 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
+/// Short retention, so the retaineddata reimage waits seconds, not days.
+const RETENTION: &str = "PT5S";
 
 pub fn run() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -66,7 +68,7 @@ async fn demo() -> Result<()> {
         match option {
             "requeue" | "terminate" => {
                 client
-                    .add_task(&format!("{option}-long"), "sleep 600", None)
+                    .add_task(&format!("{option}-long"), "sleep 600", Some(RETENTION))
                     .await?;
                 client
                     .wait_task_state(&format!("{option}-long"), "running")
@@ -75,17 +77,17 @@ async fn demo() -> Result<()> {
             }
             "taskcompletion" => {
                 client
-                    .add_task("finishing", "sleep 3; echo finished", None)
+                    .add_task("finishing", "sleep 3; echo finished", Some(RETENTION))
                     .await?;
                 client.wait_task_state("finishing", "running").await?;
                 say("task finishing is running; it ends by itself in 3 s");
             }
             _ => {
                 client
-                    .add_task("with-data", "echo results > out.txt", Some("PT4S"))
+                    .add_task("with-data", "echo results > out.txt", Some(RETENTION))
                     .await?;
                 client.wait_task_state("with-data", "completed").await?;
-                say("task with-data completed; its files are retained for 4 s");
+                say("task with-data completed; every task's files are retained for 5 s");
             }
         }
         let op = client.reimage(option, &image_url, &image_sha).await?;
@@ -121,6 +123,7 @@ async fn demo() -> Result<()> {
     server.await??;
     println!();
     say("done: four reimages, every task handled by its policy, local-storage intact");
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }
 
