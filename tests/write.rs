@@ -8,6 +8,7 @@ use reimage_e2e::images::{
 use reimage_e2e::loopdev::LoopDevice;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 const DISK_MIB: u64 = 64;
 const STORAGE_MIB: u64 = 16;
@@ -65,18 +66,8 @@ impl Lab {
         path
     }
 
-    fn write(&self, image: &Path, extra: &[&str]) -> std::process::Output {
-        let mut args = vec![
-            "write",
-            "--image",
-            image.to_str().expect("utf-8 path"),
-            "--target",
-            self.target.to_str().expect("utf-8 path"),
-            "--save-partlabel",
-            "local-storage",
-        ];
-        args.extend_from_slice(extra);
-        run(&mut agent(&args))
+    fn write(&self, image: &Path, extra: &[&str]) -> Output {
+        write(image, &self.target, "local-storage", extra)
     }
 
     /// The saved partition is byte-for-byte what it was, and in the table.
@@ -96,6 +87,21 @@ impl Lab {
         assert_eq!(labels, vec!["local-storage".to_string()]);
         self.assert_storage_intact();
     }
+}
+
+/// `reimage-agent write --image IMAGE --target TARGET --save-partlabel SAVE EXTRA…`
+fn write(image: &Path, target: &Path, save: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "write",
+        "--image",
+        image.to_str().expect("utf-8 path"),
+        "--target",
+        target.to_str().expect("utf-8 path"),
+        "--save-partlabel",
+        save,
+    ];
+    args.extend_from_slice(extra);
+    run(&mut agent(&args))
 }
 
 /// The image's bytes past the partition table sectors are on the target.
@@ -229,15 +235,7 @@ fn a_missing_saved_partition_is_refused_and_nothing_changes() {
     let before = sha256(&fs::read(&lab.target).expect("target"));
     let raw = os_image(8, 1, 6);
     let image = lab.file("os.img", &raw);
-    let output = run(&mut agent(&[
-        "write",
-        "--image",
-        image.to_str().expect("path"),
-        "--target",
-        lab.target.to_str().expect("path"),
-        "--save-partlabel",
-        "scratch",
-    ]));
+    let output = write(&image, &lab.target, "scratch", &[]);
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("SavedPartitionNotFound"),
@@ -378,17 +376,12 @@ fn on_a_loop_device_the_kernel_sees_the_new_partitions() {
     };
     let raw = os_image(24, 2, 12);
     let image = lab.file("os.img.zst", &zstd(&raw));
-    let output = run(&mut agent(&[
-        "write",
-        "--image",
-        image.to_str().expect("path"),
-        "--target",
-        device.path.to_str().expect("path"),
-        "--sha256",
-        &sha256(&raw),
-        "--save-partlabel",
+    let output = write(
+        &image,
+        &device.path,
         "local-storage",
-    ]));
+        &["--sha256", &sha256(&raw)],
+    );
     assert!(output.status.success(), "write failed: {}", stderr(&output));
     assert_image_on_target(&device.path, &raw);
     let (sha, _) = partition_sha256(&device.path, "local-storage").expect("kept");
@@ -450,15 +443,7 @@ fn a_loop_device_with_a_mounted_partition_is_busy_and_untouched() {
     let before = outside_storage(&device.path);
     let raw = os_image(8, 1, 13);
     let image = lab.file("os.img", &raw);
-    let output = run(&mut agent(&[
-        "write",
-        "--image",
-        image.to_str().expect("path"),
-        "--target",
-        device.path.to_str().expect("path"),
-        "--save-partlabel",
-        "local-storage",
-    ]));
+    let output = write(&image, &device.path, "local-storage", &[]);
     assert!(!output.status.success());
     let err = stderr(&output);
     assert!(err.contains("DiskBusy"), "names the code: {err}");
