@@ -472,3 +472,83 @@ fn metrics_show_operations_and_tasks() {
         "{text}"
     );
 }
+
+#[test]
+fn a_reboot_waiting_for_tasks_refuses_a_reimage_with_node_being_rebooted() {
+    let node = node();
+    node.add_task("busy", "sleep 3", None);
+    node.wait_task("busy", "running");
+    let (status, body) = node.daemon.post(
+        "/v1/node/reboot",
+        ADMIN,
+        json!({"nodeRebootOption": "taskcompletion"}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let op = body["id"].as_str().expect("id").to_string();
+    assert_eq!(body["kind"], "reboot");
+    assert_eq!(node.daemon.get("/v1/node")["state"], "rebooting");
+    let (status, body) = node
+        .daemon
+        .post("/v1/node/reimage", ADMIN, node.reimage_body("requeue"));
+    assert_eq!(status, 409);
+    assert_eq!(body["code"], "NodeBeingRebooted", "{body}");
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(
+        node.daemon.get("/v1/tasks/busy")["executionInfo"]["exitCode"],
+        0
+    );
+    node.assert_storage_intact();
+}
+
+#[test]
+fn a_duplicate_task_id_is_a_conflict() {
+    let node = node();
+    node.add_task("once", "true", None);
+    let (status, body) = node.daemon.post(
+        "/v1/tasks",
+        OPERATOR,
+        json!({"id": "once", "commandLine": "true"}),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "TaskExists");
+}
+
+#[test]
+fn retention_timers_survive_a_restart() {
+    let mut node = node();
+    node.add_task("kept", "echo data > out.txt", Some("PT3S"));
+    node.wait_task("kept", "completed");
+    let (status, _, _) = node.daemon.request(
+        Method::GET,
+        "/v1/tasks/kept/files/stdout.txt",
+        Some(READER),
+        None,
+        &[],
+    );
+    assert_eq!(status, 200, "files are there before expiry");
+    node.daemon.kill9_and_restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, _, _) = node.daemon.request(
+            Method::GET,
+            "/v1/tasks/kept/files/stdout.txt",
+            Some(READER),
+            None,
+            &[],
+        );
+        if status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never expired after the restart"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        node.daemon.get("/v1/tasks/kept")["state"],
+        "completed",
+        "the record stays"
+    );
+}
