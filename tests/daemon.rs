@@ -552,3 +552,48 @@ fn retention_timers_survive_a_restart() {
         "the record stays"
     );
 }
+
+#[test]
+fn allowed_urls_are_enforced_on_the_request_and_on_redirects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    let storage_sha = target_disk(&disk, 64, 16, 51);
+    let raw = os_image(16, 1, 52);
+    let elsewhere = FaultServer::start(
+        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
+        Fault::None,
+    );
+    let allowed = FaultServer::start(
+        vec![("/os.img.zst".into(), Arc::new(Vec::new()))],
+        Fault::RedirectTo(elsewhere.url("/os.img.zst")),
+    );
+    let extra = format!("\n[image]\nallowed_urls = [\"{}\"]\n", allowed.url("/"));
+    let daemon = Daemon::start(&write_config(dir.path(), &extra));
+    let body = |url: String| json!({"image": {"url": url, "sha256": sha256(&raw)}});
+
+    let (status, refused) = daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        body(elsewhere.url("/os.img.zst")),
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["code"], "ImageUrlNotAllowed");
+
+    let (status, accepted) =
+        daemon.post("/v1/node/reimage", ADMIN, body(allowed.url("/os.img.zst")));
+    assert_eq!(status, 202, "{accepted}");
+    let done = daemon.wait_operation(accepted["id"].as_str().expect("id"));
+    assert_eq!(done["status"], "Failed", "{done}");
+    assert_eq!(done["error"]["code"], "ImageUrlNotAllowed", "{done}");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the redirect was never followed"
+    );
+    let (sha, _) = partition_sha256(&disk, "local-storage").expect("kept");
+    assert_eq!(sha, storage_sha);
+    assert_eq!(
+        daemon.get("/v1/node")["state"],
+        "idle",
+        "nothing was written"
+    );
+}

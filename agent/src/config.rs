@@ -315,6 +315,18 @@ impl Config {
         Ok(config)
     }
 
+    /// `allowed_urls` as a policy for the HTTP client (first URL and every
+    /// redirect); `None` when every URL is allowed.
+    pub fn url_policy(&self) -> Option<crate::image::http::UrlPolicy> {
+        if self.image.allowed_urls.is_empty() {
+            return None;
+        }
+        let config = self.clone();
+        Some(crate::image::http::UrlPolicy(std::sync::Arc::new(
+            move |url: &url::Url| config.allows_url(url.as_str()),
+        )))
+    }
+
     /// True when `allowed_urls` is empty or `url` lies under one of them:
     /// same scheme, host and port, and a path under the prefix's path
     /// (whole segments: `/prod` allows `/prod/os.img`, not `/production`).

@@ -28,6 +28,9 @@ pub enum Error {
     /// The image's format is not the one its manifest names.
     #[error("image format mismatch: manifest says {expected}, the data is {actual}")]
     ImageFormatMismatch { expected: String, actual: String },
+    /// The image (or a redirect, or a manifest's image) is outside `[image] allowed_urls`.
+    #[error("image URL not allowed: {0}")]
+    ImageUrlNotAllowed(String),
     /// The manifest cannot be read or is not valid.
     #[error("invalid manifest: {0}")]
     ManifestInvalid(String),
@@ -94,6 +97,7 @@ impl Error {
             Error::ImageCorrupt(_) => "ImageCorrupt",
             Error::ImageTrailingData(_) => "ImageTrailingData",
             Error::ImageFormatMismatch { .. } => "ImageFormatMismatch",
+            Error::ImageUrlNotAllowed(_) => "ImageUrlNotAllowed",
             Error::ManifestInvalid(_) => "ManifestInvalid",
             Error::DiskBusy { .. } => "DiskBusy",
             Error::SavedPartitionNotFound(_) => "SavedPartitionNotFound",

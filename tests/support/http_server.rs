@@ -81,6 +81,8 @@ pub enum Fault {
     ContentLengthShort(u64),
     /// Answer every request with this status and a short text body.
     Status(u16),
+    /// Answer every request with `302 Found` and this `Location`.
+    RedirectTo(String),
     /// Send neither `ETag` nor `Last-Modified`.
     NoValidators,
     /// Send `Last-Modified` but no `ETag`.
@@ -304,6 +306,7 @@ struct Plan {
     length_extra: u64,
     length_short: u64,
     status: Option<u16>,
+    redirect: Option<String>,
     no_validators: bool,
     no_etag: bool,
     bytes_per_sec: Option<u64>,
@@ -331,6 +334,7 @@ impl Plan {
             Fault::ContentLengthExtra(n) => self.length_extra = *n,
             Fault::ContentLengthShort(n) => self.length_short = *n,
             Fault::Status(code) => self.status = Some(*code),
+            Fault::RedirectTo(location) => self.redirect = Some(location.clone()),
             Fault::NoValidators => self.no_validators = true,
             Fault::NoETag => self.no_etag = true,
             Fault::SlowBytesPerSec(rate) => self.bytes_per_sec = Some((*rate).max(1)),
@@ -463,6 +467,13 @@ fn respond(
     if let Some(code) = plan.status {
         log(shared, request, code);
         return send_text(stream, code, "fault injected\n", head_only);
+    }
+    if let Some(location) = &plan.redirect {
+        log(shared, request, 302);
+        let head = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return stream.write_all(head.as_bytes());
     }
     let Some(file) = file else {
         log(shared, request, 404);

@@ -12,7 +12,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,7 +39,37 @@ pub struct HttpOptions {
     pub backoff_base: Duration,
     /// Longest wait between two attempts.
     pub backoff_max: Duration,
+    /// Which URLs may be fetched, the first one and every redirect: the
+    /// daemon's `[image] allowed_urls`. `None` allows all.
+    pub url_policy: Option<UrlPolicy>,
 }
+
+/// A predicate over URLs, shared by the client's redirect policy.
+#[derive(Clone)]
+pub struct UrlPolicy(pub Arc<dyn Fn(&Url) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for UrlPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UrlPolicy")
+    }
+}
+
+impl UrlPolicy {
+    /// Refuses `url` with `ImageUrlNotAllowed` unless the policy allows it.
+    pub fn check(&self, url: &Url) -> Result<()> {
+        if (self.0)(url) {
+            Ok(())
+        } else {
+            Err(Error::ImageUrlNotAllowed(format!(
+                "{} does not match [image] allowed_urls",
+                shown_url(url)
+            )))
+        }
+    }
+}
+
+/// At most this many redirects are followed.
+const MAX_REDIRECTS: usize = 10;
 
 impl Default for HttpOptions {
     fn default() -> Self {
@@ -49,6 +79,7 @@ impl Default for HttpOptions {
             connect_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(8),
+            url_policy: None,
         }
     }
 }
@@ -100,6 +131,9 @@ impl HttpSource {
                 "{shown}: only http and https URLs can be downloaded"
             )));
         }
+        if let Some(policy) = &opts.url_policy {
+            policy.check(url)?;
+        }
         install_crypto_provider();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -114,6 +148,7 @@ impl HttpSource {
             .no_deflate()
             .no_zstd()
             .user_agent(concat!("reimage-agent/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirect_policy(opts.url_policy.clone()))
             .build()
             .map_err(|e| Error::DownloadFailed(format!("{shown}: {}", chain(&e))))?;
         let mut source = HttpSource {
@@ -295,6 +330,10 @@ impl HttpSource {
             .block_on(async { tokio::time::timeout(stall, request.send()).await });
         match sent {
             Ok(Ok(response)) => Ok(response),
+            // A refused redirect is a decision, not a network hiccup.
+            Ok(Err(error)) if error.is_redirect() => Err(Failure::Fatal(
+                Error::ImageUrlNotAllowed(format!("{}: {}", self.shown, chain(&error))),
+            )),
             Ok(Err(error)) => Err(Failure::Retry {
                 reason: chain(&error),
                 truncated: false,
@@ -466,6 +505,25 @@ pub fn fetch_small(url: &Url, limit: u64, opts: &HttpOptions) -> Result<Vec<u8>>
     Ok(document)
 }
 
+/// Follows up to [`MAX_REDIRECTS`] redirects, each to a URL the policy allows.
+fn redirect_policy(policy: Option<UrlPolicy>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        match &policy {
+            Some(policy) if !(policy.0)(attempt.url()) => {
+                let refused = format!(
+                    "redirect to {} does not match [image] allowed_urls",
+                    shown_url(attempt.url())
+                );
+                attempt.error(refused)
+            }
+            _ => attempt.follow(),
+        }
+    })
+}
+
 /// Why an attempt did not give a usable response.
 enum Failure {
     /// Worth another attempt after a pause.
@@ -605,7 +663,41 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(1),
             backoff_max: Duration::from_millis(5),
+            url_policy: None,
         }
+    }
+
+    #[test]
+    fn a_redirect_outside_the_policy_is_refused_without_retrying() {
+        let data = image(10_000, 9);
+        let (target, target_url) = serve(&data, Fault::None);
+        let (redirector, url) = serve(&data, Fault::RedirectTo(target_url.to_string()));
+        let allowed_port = url.port();
+        let options = HttpOptions {
+            url_policy: Some(UrlPolicy(Arc::new(move |u: &Url| u.port() == allowed_port))),
+            ..opts()
+        };
+        let err = HttpSource::open(&url, &options)
+            .map(|_| ())
+            .expect_err("the redirect leaves the policy");
+        assert_eq!(err.code(), "ImageUrlNotAllowed", "{err}");
+        assert!(target.requests().is_empty(), "never followed");
+        assert_eq!(redirector.requests().len(), 1, "not retried");
+        let err = HttpSource::open(&target_url, &options)
+            .map(|_| ())
+            .expect_err("the first URL leaves the policy");
+        assert_eq!(err.code(), "ImageUrlNotAllowed");
+    }
+
+    #[test]
+    fn redirects_within_the_policy_are_followed() {
+        let data = image(10_000, 9);
+        let (_target, target_url) = serve(&data, Fault::None);
+        let (_redirector, url) = serve(&data, Fault::RedirectTo(target_url.to_string()));
+        let mut source = HttpSource::open(&url, &opts()).expect("follows");
+        let mut got = Vec::new();
+        source.read_to_end(&mut got).expect("reads");
+        assert!(got == *data);
     }
 
     fn serve(data: &Arc<Vec<u8>>, fault: Fault) -> (FaultServer, Url) {

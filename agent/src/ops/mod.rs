@@ -524,15 +524,21 @@ impl Agent {
         let agent = Arc::clone(self);
         let op_id = id.to_string();
         let disk = self.config.disk.clone();
-        let allowed = self.config.clone();
+        let config = self.config.clone();
         let job = tokio::task::spawn_blocking(move || {
-            let http = HttpOptions::default();
+            let http = HttpOptions {
+                url_policy: config.url_policy(),
+                ..HttpOptions::default()
+            };
             let request = image.resolve(&http)?;
-            if let crate::image::source::Location::Http(url) = &request.location
-                && !allowed.allows_url(url.as_str())
+            // A manifest may name a local path; with allowed_urls only
+            // allowed URLs may be written.
+            if http.url_policy.is_some()
+                && let crate::image::source::Location::File(path) = &request.location
             {
-                return Err(crate::Error::InvalidArgument(format!(
-                    "{url} (from the manifest) does not match [image] allowed_urls"
+                return Err(crate::Error::ImageUrlNotAllowed(format!(
+                    "{} (from the manifest) is a local path; [image] allowed_urls admits URLs only",
+                    path.display()
                 ))
                 .into());
             }
