@@ -597,3 +597,71 @@ fn allowed_urls_are_enforced_on_the_request_and_on_redirects() {
         "nothing was written"
     );
 }
+
+#[test]
+fn trusted_keys_admit_only_signed_manifests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    let storage_sha = target_disk(&disk, 64, 16, 61);
+    let raw = os_image(16, 1, 62);
+    let manifest = format!(
+        r#"{{"name":"os","url":"os.img.zst","format":"zstd","size":{},"sha256":"{}"}}"#,
+        raw.len(),
+        sha256(&raw)
+    );
+    let minisign::KeyPair { pk, sk } =
+        minisign::KeyPair::generate_unencrypted_keypair().expect("keys");
+    let signature = minisign::sign(Some(&pk), &sk, manifest.as_bytes(), None, None).expect("signs");
+    let server = FaultServer::start(
+        vec![
+            ("/os.img.zst".into(), Arc::new(zstd(&raw))),
+            (
+                "/signed.json".into(),
+                Arc::new(manifest.clone().into_bytes()),
+            ),
+            (
+                "/signed.json.minisig".into(),
+                Arc::new(signature.to_string().into_bytes()),
+            ),
+            ("/unsigned.json".into(), Arc::new(manifest.into_bytes())),
+        ],
+        Fault::None,
+    );
+    let extra = format!("\n[image]\ntrusted_keys = [\"{}\"]\n", pk.to_base64());
+    let daemon = Daemon::start(&write_config(dir.path(), &extra));
+
+    let inline = json!({"image": {"url": server.url("/os.img.zst"), "sha256": sha256(&raw)}});
+    let (status, body) = daemon.post("/v1/node/reimage", ADMIN, inline);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("ManifestUnsigned")),
+        "{body}"
+    );
+
+    let (status, body) = daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"manifestUrl": server.url("/unsigned.json")}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let done = daemon.wait_operation(body["id"].as_str().expect("id"));
+    assert_eq!(done["error"]["code"], "ManifestUnsigned", "{done}");
+    assert_eq!(
+        daemon.get("/v1/node")["state"],
+        "idle",
+        "refused before writing"
+    );
+
+    let (status, body) = daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"manifestUrl": server.url("/signed.json")}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let done = daemon.wait_operation(body["id"].as_str().expect("id"));
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(
+        partition_sha256(&disk, "local-storage").expect("kept").0,
+        storage_sha
+    );
+}

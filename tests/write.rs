@@ -458,3 +458,98 @@ fn a_loop_device_with_a_mounted_partition_is_busy_and_untouched() {
         "nothing outside the filesystem changed"
     );
 }
+
+/// A key pair; returns the public key (base64) and a signer.
+fn keypair() -> (String, impl Fn(&[u8]) -> String) {
+    let minisign::KeyPair { pk, sk } =
+        minisign::KeyPair::generate_unencrypted_keypair().expect("keys");
+    let public = pk.to_base64();
+    (public, move |data: &[u8]| {
+        minisign::sign(Some(&pk), &sk, data, Some("reimage test"), None)
+            .expect("signs")
+            .to_string()
+    })
+}
+
+#[test]
+fn with_a_trusted_key_only_a_manifest_it_signed_is_written() {
+    let lab = Lab::new();
+    let raw = os_image(16, 1, 14);
+    lab.file("os.img.zst", &zstd(&raw));
+    let manifest_text = format!(
+        r#"{{"name":"os","url":"os.img.zst","format":"zstd","size":{},"sha256":"{}"}}"#,
+        raw.len(),
+        sha256(&raw)
+    );
+    let manifest = lab.file("os.manifest.json", manifest_text.as_bytes());
+    let (key, sign) = keypair();
+    let (foreign_key, _) = keypair();
+    let untouched = sha256(&fs::read(&lab.target).expect("target"));
+    let write_with = |key: &str| {
+        run(&mut agent(&[
+            "write",
+            "--manifest",
+            manifest.to_str().expect("path"),
+            "--trusted-key",
+            key,
+            "--target",
+            lab.target.to_str().expect("path"),
+            "--save-partlabel",
+            "local-storage",
+        ]))
+    };
+
+    let output = write_with(&key);
+    assert!(
+        stderr(&output).contains("ManifestUnsigned"),
+        "no .minisig yet"
+    );
+    lab.file(
+        "os.manifest.json.minisig",
+        sign(b"{\"name\":\"other\"}").as_bytes(),
+    );
+    let output = write_with(&key);
+    assert!(
+        stderr(&output).contains("ManifestSignatureInvalid"),
+        "a signature of other bytes"
+    );
+    lab.file(
+        "os.manifest.json.minisig",
+        sign(manifest_text.as_bytes()).as_bytes(),
+    );
+    let output = write_with(&foreign_key);
+    assert!(
+        stderr(&output).contains("ManifestSignatureInvalid"),
+        "signed by another key"
+    );
+    let image = lab.dir.path().join("os.img.zst");
+    let output = run(&mut agent(&[
+        "write",
+        "--image",
+        image.to_str().expect("path"),
+        "--sha256",
+        &sha256(&raw),
+        "--trusted-key",
+        &key,
+        "--target",
+        lab.target.to_str().expect("path"),
+    ]));
+    assert!(
+        stderr(&output).contains("ManifestUnsigned"),
+        "an image without a manifest"
+    );
+    assert_eq!(
+        untouched,
+        sha256(&fs::read(&lab.target).expect("target")),
+        "nothing written"
+    );
+
+    let output = write_with(&key);
+    assert!(
+        output.status.success(),
+        "signed and trusted: {}",
+        stderr(&output)
+    );
+    assert_image_on_target(&lab.target, &raw);
+    lab.assert_storage_intact();
+}

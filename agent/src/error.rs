@@ -31,6 +31,13 @@ pub enum Error {
     /// The image (or a redirect, or a manifest's image) is outside `[image] allowed_urls`.
     #[error("image URL not allowed: {0}")]
     ImageUrlNotAllowed(String),
+    /// Trusted keys are configured and the manifest has no signature (or
+    /// the image was given without a manifest).
+    #[error("manifest not signed: {0}")]
+    ManifestUnsigned(String),
+    /// The manifest's signature is not by a trusted key or does not match.
+    #[error("manifest signature invalid: {0}")]
+    ManifestSignatureInvalid(String),
     /// The manifest cannot be read or is not valid.
     #[error("invalid manifest: {0}")]
     ManifestInvalid(String),
@@ -98,6 +105,8 @@ impl Error {
             Error::ImageTrailingData(_) => "ImageTrailingData",
             Error::ImageFormatMismatch { .. } => "ImageFormatMismatch",
             Error::ImageUrlNotAllowed(_) => "ImageUrlNotAllowed",
+            Error::ManifestUnsigned(_) => "ManifestUnsigned",
+            Error::ManifestSignatureInvalid(_) => "ManifestSignatureInvalid",
             Error::ManifestInvalid(_) => "ManifestInvalid",
             Error::DiskBusy { .. } => "DiskBusy",
             Error::SavedPartitionNotFound(_) => "SavedPartitionNotFound",

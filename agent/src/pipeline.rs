@@ -44,13 +44,22 @@ impl ImageRequest {
     /// Builds the request from an image location and/or a manifest and/or
     /// a hash. A manifest supplies what is not given; given values must
     /// agree with it.
+    ///
+    /// With `trusted_keys`, only a manifest whose signature verifies is
+    /// accepted: an image given by URL and hash alone is refused.
     pub fn resolve(
         image: Option<&str>,
         manifest: Option<&str>,
         sha256: Option<&str>,
         http: &HttpOptions,
+        trusted_keys: &[String],
     ) -> Result<ImageRequest> {
         let sha256 = sha256.map(manifest::parse_sha256).transpose()?;
+        if manifest.is_none() && !trusted_keys.is_empty() {
+            return Err(Error::ManifestUnsigned(
+                "trusted keys are configured, so the image must come with a signed manifest".into(),
+            ));
+        }
         let Some(manifest_at) = manifest else {
             let image = image.ok_or_else(|| {
                 Error::InvalidArgument("give the image (--image) or a manifest (--manifest)".into())
@@ -62,7 +71,8 @@ impl ImageRequest {
                 format: None,
             });
         };
-        let (manifest, from_manifest) = manifest::load(&Location::parse(manifest_at)?, http)?;
+        let (manifest, from_manifest) =
+            manifest::load(&Location::parse(manifest_at)?, http, trusted_keys)?;
         if let Some(given) = &sha256
             && *given != manifest.sha256
         {

@@ -20,19 +20,71 @@ pub fn parse_sha256(text: &str) -> Result<String> {
     }
 }
 
+/// Detached signatures are a few hundred bytes.
+const SIGNATURE_LIMIT: u64 = 4096;
+
 /// Reads the manifest at `location` and returns it with the image's own
-/// location (its `url`, resolved next to the manifest).
-pub fn load(location: &Location, options: &HttpOptions) -> Result<(ImageManifest, Location)> {
+/// location (its `url`, resolved next to the manifest). With `trusted_keys`,
+/// its detached minisign signature `<manifest>.minisig` must verify with
+/// one of them before the manifest is even parsed.
+pub fn load(
+    location: &Location,
+    options: &HttpOptions,
+    trusted_keys: &[String],
+) -> Result<(ImageManifest, Location)> {
     let bytes = source::read_small(location, MANIFEST_LIMIT, options).map_err(|e| match e {
         Error::InvalidArgument(msg) => Error::ManifestInvalid(msg),
         other => other,
     })?;
+    if !trusted_keys.is_empty() {
+        let signature_at = location.with_suffix(".minisig");
+        let signature =
+            source::read_small(&signature_at, SIGNATURE_LIMIT, options).map_err(|e| {
+                Error::ManifestUnsigned(format!("{location}: no signature at {signature_at} ({e})"))
+            })?;
+        verify_signature(&bytes, &signature, trusted_keys).map_err(|e| match e {
+            Error::ManifestSignatureInvalid(msg) => {
+                Error::ManifestSignatureInvalid(format!("{location}: {msg}"))
+            }
+            other => other,
+        })?;
+    }
     let manifest = parse(&bytes).map_err(|e| match e {
         Error::ManifestInvalid(msg) => Error::ManifestInvalid(format!("{location}: {msg}")),
         other => other,
     })?;
     let image = location.join(&manifest.url)?;
     Ok((manifest, image))
+}
+
+/// Checks a detached minisign `signature` of `manifest` against each of
+/// `trusted_keys` (base64 public keys, or the two-line `.pub` file text).
+pub fn verify_signature(manifest: &[u8], signature: &[u8], trusted_keys: &[String]) -> Result<()> {
+    let text = std::str::from_utf8(signature)
+        .map_err(|_| Error::ManifestSignatureInvalid("the signature is not text".into()))?;
+    let signature = minisign_verify::Signature::decode(text).map_err(|e| {
+        Error::ManifestSignatureInvalid(format!("the signature cannot be read: {e}"))
+    })?;
+    let mut reasons = Vec::new();
+    for key in trusted_keys {
+        let base64 = key
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .last()
+            .unwrap_or("");
+        match minisign_verify::PublicKey::from_base64(base64) {
+            Ok(public) => match public.verify(manifest, &signature, false) {
+                Ok(()) => return Ok(()),
+                Err(e) => reasons.push(e.to_string()),
+            },
+            Err(e) => reasons.push(format!("trusted key '{base64}' cannot be read: {e}")),
+        }
+    }
+    Err(Error::ManifestSignatureInvalid(format!(
+        "no trusted key verifies it ({})",
+        reasons.join("; ")
+    )))
 }
 
 /// Parses and checks a manifest's text.
@@ -88,6 +140,42 @@ mod tests {
                 err.to_string().contains(needle),
                 "{err} should mention {needle}"
             );
+        }
+    }
+
+    fn signed(data: &[u8]) -> (String, String) {
+        let minisign::KeyPair { pk, sk } =
+            minisign::KeyPair::generate_unencrypted_keypair().expect("keypair");
+        let signature = minisign::sign(Some(&pk), &sk, data, Some("test"), None).expect("signs");
+        (pk.to_base64(), signature.to_string())
+    }
+
+    #[test]
+    fn a_signature_by_a_trusted_key_verifies() {
+        let manifest = br#"{"name":"os"}"#;
+        let (key, signature) = signed(manifest);
+        let (other_key, _) = signed(b"x");
+        verify_signature(manifest, signature.as_bytes(), &[other_key, key.clone()])
+            .expect("one trusted key verifies");
+        let pub_file = format!("untrusted comment: minisign public key\n{key}\n");
+        verify_signature(manifest, signature.as_bytes(), &[pub_file])
+            .expect("the .pub text works too");
+    }
+
+    #[test]
+    fn tampered_manifests_foreign_keys_and_garbage_are_refused() {
+        let manifest = br#"{"name":"os","size":1}"#;
+        let (key, signature) = signed(manifest);
+        let (other_key, _) = signed(b"x");
+        let cases: [(&[u8], &[u8], &str); 4] = [
+            (br#"{"name":"os","size":2}"#, signature.as_bytes(), &key),
+            (manifest, signature.as_bytes(), &other_key),
+            (manifest, b"not a signature", &key),
+            (manifest, signature.as_bytes(), "RWQnot-a-key"),
+        ];
+        for (data, sig, trusted) in cases {
+            let err = verify_signature(data, sig, &[trusted.to_string()]).expect_err("refused");
+            assert_eq!(err.code(), "ManifestSignatureInvalid", "{err}");
         }
     }
 

@@ -59,6 +59,25 @@ impl Location {
     }
 }
 
+impl Location {
+    /// The location of a companion file: `os.manifest.json` → `os.manifest.json.minisig`.
+    pub fn with_suffix(&self, suffix: &str) -> Location {
+        match self {
+            Location::Http(url) => {
+                let mut url = url.clone();
+                let path = format!("{}{suffix}", url.path());
+                url.set_path(&path);
+                Location::Http(url)
+            }
+            Location::File(path) => {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                Location::File(PathBuf::from(name))
+            }
+        }
+    }
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

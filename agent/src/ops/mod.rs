@@ -360,6 +360,14 @@ impl Agent {
                 "the request names no image and no [image] is configured",
             ));
         };
+        if !self.config.image.trusted_keys.is_empty()
+            && matches!(choice, ImageChoice::Inline { .. })
+        {
+            return Err(ApiError::bad_request(
+                "ManifestUnsigned",
+                "[image] trusted_keys is set: give a signed manifest (manifestUrl), not an image URL and hash",
+            ));
+        }
         let url = choice.url();
         crate::image::source::Location::parse(url)
             .map_err(|e| ApiError::bad_request("InvalidImageUrl", e.to_string()))?;
@@ -530,7 +538,7 @@ impl Agent {
                 url_policy: config.url_policy(),
                 ..HttpOptions::default()
             };
-            let request = image.resolve(&http)?;
+            let request = image.resolve(&http, &config.image.trusted_keys)?;
             // A manifest may name a local path; with allowed_urls only
             // allowed URLs may be written.
             if http.url_policy.is_some()
@@ -724,15 +732,16 @@ impl ImageChoice {
         last.trim_end_matches(".manifest.json").to_string()
     }
 
-    fn resolve(&self, http: &HttpOptions) -> crate::Result<ImageRequest> {
+    fn resolve(&self, http: &HttpOptions, trusted_keys: &[String]) -> crate::Result<ImageRequest> {
         match self {
             ImageChoice::Inline { url, sha256, size } => {
-                let mut request = ImageRequest::resolve(Some(url), None, Some(sha256), http)?;
+                let mut request =
+                    ImageRequest::resolve(Some(url), None, Some(sha256), http, trusted_keys)?;
                 request.size = *size;
                 Ok(request)
             }
             ImageChoice::Manifest(manifest) => {
-                ImageRequest::resolve(None, Some(manifest), None, http)
+                ImageRequest::resolve(None, Some(manifest), None, http, trusted_keys)
             }
         }
     }

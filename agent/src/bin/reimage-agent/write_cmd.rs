@@ -26,6 +26,10 @@ pub struct WriteArgs {
     /// size and SHA-256.
     #[arg(long, value_name = "URL|PATH")]
     manifest: Option<String>,
+    /// Accept only a manifest signed by this minisign public key (base64, or
+    /// a .pub file); repeatable. With a key, --manifest is required.
+    #[arg(long = "trusted-key", value_name = "KEY|FILE")]
+    trusted_keys: Vec<String>,
     /// Keep the partitions whose label matches this glob (repeatable).
     #[arg(long = "save-partlabel", value_name = "GLOB")]
     save_partlabel: Vec<String>,
@@ -55,11 +59,17 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         stall_timeout: Duration::from_secs(args.stall_timeout),
         ..HttpOptions::default()
     };
+    let trusted_keys = args
+        .trusted_keys
+        .iter()
+        .map(|key| read_key(key))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let image = ImageRequest::resolve(
         args.image.as_deref(),
         args.manifest.as_deref(),
         args.sha256.as_deref(),
         &http,
+        &trusted_keys,
     )
     .context("resolving the image")?;
     let request = WriteRequest {
@@ -98,4 +108,14 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     );
     reboot::reboot(args.reboot).context("rebooting")?;
     Ok(())
+}
+
+/// A key given inline, or the text of the `.pub` file it names.
+fn read_key(key: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(key);
+    if path.is_file() {
+        std::fs::read_to_string(path).with_context(|| format!("reading the trusted key {key}"))
+    } else {
+        Ok(key.to_string())
+    }
 }
