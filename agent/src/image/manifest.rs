@@ -70,8 +70,7 @@ pub fn verify_signature(manifest: &[u8], signature: &[u8], trusted_keys: &[Strin
         let base64 = key
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .last()
+            .rfind(|l| !l.is_empty())
             .unwrap_or("");
         match minisign_verify::PublicKey::from_base64(base64) {
             Ok(public) => match public.verify(manifest, &signature, false) {
