@@ -1,6 +1,8 @@
-//! `reimage-agent serve`: the store, the tasks, the operations and the API,
-//! wired together under systemd's eye (READY, WATCHDOG, STOPPING).
+//! `reimage-agent serve`: the store, the tasks, the operations and the API
+//! (HTTP, or HTTPS with optional client certificates), wired together under
+//! systemd's eye (READY, WATCHDOG, STOPPING).
 
+use crate::api::tls::{self, TlsListener};
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::disk::device::Target;
@@ -27,19 +29,18 @@ pub struct Daemon {
     agent: Arc<Agent>,
     router: axum::Router,
     listener: tokio::net::TcpListener,
+    /// `Some` when `[api] tls_cert` is set: the API speaks HTTPS only.
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Where the API listens (useful with port 0).
     pub address: std::net::SocketAddr,
 }
 
 impl Daemon {
-    /// Opens the store, starts the tasks, recovers operations and binds
-    /// `[api] listen`.
+    /// Loads the TLS identity (if any), opens the store, starts the tasks,
+    /// recovers operations and binds `[api] listen`.
     pub async fn start(config: Config) -> Result<Daemon> {
-        if config.api.tls_cert.is_some() {
-            return Err(Error::InvalidArgument(
-                "[api] tls_cert is set, but this build serves plain HTTP only; remove it or put a TLS proxy in front".into(),
-            ));
-        }
+        // Bad certificate files stop the agent before it touches its state.
+        let tls = tls::server_config(&config.api)?;
         let store = Arc::new(Store::open(&config.agent.state_dir)?);
         let tasks = TaskManager::start(
             Arc::clone(&store),
@@ -58,7 +59,14 @@ impl Daemon {
         let address = listener
             .local_addr()
             .map_err(|e| Error::io("reading the listening address", e))?;
-        tracing::info!(%address, node = %config.agent.node_id, target = %config.disk.target.display(), "serving the API");
+        tracing::info!(
+            %address,
+            tls = tls.is_some(),
+            client_certificates = config.api.client_ca.is_some(),
+            node = %config.agent.node_id,
+            target = %config.disk.target.display(),
+            "serving the API"
+        );
         let router = api::router(ApiState {
             agent: Arc::clone(&agent),
             tokens: Arc::new(config.api.tokens.clone()),
@@ -67,6 +75,7 @@ impl Daemon {
             agent,
             router,
             listener,
+            tls,
             address,
         })
     }
@@ -76,12 +85,26 @@ impl Daemon {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        service::notify_ready(&format!("serving on {}", self.address));
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        service::notify_ready(&format!("serving {scheme} on {}", self.address));
         service::spawn_watchdog();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| Error::io("serving the API", e))?;
+        // Either way axum stops accepting on `shutdown` and lets in-flight
+        // requests finish before returning.
+        let served = match self.tls {
+            None => {
+                axum::serve(self.listener, self.router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            Some(config) => {
+                let listener = TlsListener::new(self.listener, config)
+                    .map_err(|e| Error::io("reading the listening address", e))?;
+                axum::serve(listener, self.router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
+        served.map_err(|e| Error::io("serving the API", e))?;
         service::notify_stopping();
         self.agent.shutdown().await;
         tracing::info!("stopped");

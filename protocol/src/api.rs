@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// Node states, as Batch names them.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
@@ -18,6 +19,7 @@ pub enum NodeState {
 }
 
 /// Whether the node takes new tasks.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SchedulingState {
@@ -26,6 +28,7 @@ pub enum SchedulingState {
 }
 
 /// What happens to the work on the node when it is reimaged or rebooted.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeReimageOption {
@@ -41,6 +44,7 @@ pub enum NodeReimageOption {
 }
 
 /// What happens to running tasks when scheduling is disabled.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DisableSchedulingOption {
@@ -51,6 +55,7 @@ pub enum DisableSchedulingOption {
 }
 
 /// The image a node runs or is asked to run.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageRef {
@@ -59,6 +64,7 @@ pub struct ImageRef {
 }
 
 /// A partition kept across reimages.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SavedPartitionInfo {
@@ -70,6 +76,7 @@ pub struct SavedPartitionInfo {
 }
 
 /// The target disk of a node.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DiskInfo {
@@ -79,6 +86,7 @@ pub struct DiskInfo {
 }
 
 /// `GET /v1/node`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
@@ -95,6 +103,7 @@ pub struct Node {
 }
 
 /// An image given inline in a reimage request.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
@@ -105,6 +114,7 @@ pub struct ImageSpec {
 }
 
 /// `POST /v1/node/reimage`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReimageRequest {
@@ -117,6 +127,7 @@ pub struct ReimageRequest {
 }
 
 /// `POST /v1/node/reboot`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RebootRequest {
@@ -125,6 +136,7 @@ pub struct RebootRequest {
 }
 
 /// `POST /v1/node/disablescheduling`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DisableSchedulingRequest {
@@ -133,6 +145,7 @@ pub struct DisableSchedulingRequest {
 }
 
 /// What an operation does.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationKind {
@@ -141,6 +154,7 @@ pub enum OperationKind {
 }
 
 /// Where an operation stands.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OperationStatus {
     InProgress,
@@ -149,6 +163,7 @@ pub enum OperationStatus {
 }
 
 /// Bytes moved by the running phase.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationProgress {
@@ -158,6 +173,7 @@ pub struct OperationProgress {
 }
 
 /// Why an operation failed: a stable code and a message.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationError {
@@ -166,6 +182,7 @@ pub struct OperationError {
 }
 
 /// `GET /v1/operations/{id}`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
@@ -183,6 +200,7 @@ pub struct Operation {
 }
 
 /// `{"name","value"}` for a task's environment.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvironmentSetting {
@@ -191,6 +209,7 @@ pub struct EnvironmentSetting {
 }
 
 /// ISO 8601 durations (`PT1H`, `P7D`).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaskConstraints {
@@ -201,6 +220,7 @@ pub struct TaskConstraints {
 }
 
 /// `POST /v1/tasks`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddTaskRequest {
@@ -213,6 +233,7 @@ pub struct AddTaskRequest {
 }
 
 /// Task states, as Batch names them.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
@@ -222,6 +243,7 @@ pub enum TaskState {
 }
 
 /// Why a task failed.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureInfo {
@@ -232,6 +254,7 @@ pub struct FailureInfo {
 }
 
 /// How a task ran.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutionInfo {
@@ -243,6 +266,7 @@ pub struct ExecutionInfo {
 }
 
 /// `GET /v1/tasks/{id}`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Task {
@@ -259,6 +283,7 @@ pub struct Task {
 }
 
 /// A list answer: `{"value": [...]}` as Batch lists are.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct List<T> {
     pub value: Vec<T>,
@@ -266,6 +291,7 @@ pub struct List<T> {
 
 /// The error body of every route:
 /// `{"code","message":{"lang","value"},"values":[{"key","value"}]}`.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
@@ -276,6 +302,7 @@ pub struct ErrorBody {
 }
 
 /// The human part of an [`ErrorBody`].
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorMessage {
     pub lang: String,
@@ -283,6 +310,7 @@ pub struct ErrorMessage {
 }
 
 /// A detail of an [`ErrorBody`].
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorValue {
     pub key: String,

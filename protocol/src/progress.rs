@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The phases an operation goes through, in order.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
@@ -22,6 +23,7 @@ pub enum Phase {
 
 /// One progress report: `{"phase","bytesWritten","totalBytes","bytesPerSecond"}`.
 /// During `verifying`, `bytesWritten` counts the bytes read back.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WriteProgress {

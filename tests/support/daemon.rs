@@ -76,6 +76,19 @@ impl Daemon {
     /// Starts `reimage-agent serve --config CONFIG` and waits for /healthz.
     pub fn start(config: &Path) -> Daemon {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Daemon::start_with(config, "http", client)
+    }
+
+    /// Starts the agent like [`Daemon::start`], then talks to it as
+    /// `SCHEME://LISTEN` with `client` (say HTTPS with a test CA and a client
+    /// certificate).
+    pub fn start_with(config: &Path, scheme: &str, client: reqwest::blocking::Client) -> Daemon {
+        // For the test's other plain clients.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let text = fs::read_to_string(config).expect("config");
         let listen = text
             .lines()
@@ -85,13 +98,10 @@ impl Daemon {
             .to_string();
         let mut daemon = Daemon {
             child: None,
-            url: format!("http://{listen}"),
+            url: format!("{scheme}://{listen}"),
             config: config.to_path_buf(),
             log: config.with_extension("log"),
-            client: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            client,
         };
         daemon.spawn();
         daemon

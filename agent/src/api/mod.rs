@@ -1,33 +1,45 @@
 //! HTTP API v1 (axum): the routes of DESIGN.md, one error body, a
 //! `request-id` on every answer, bearer-token roles, and `client-request-id`
-//! idempotency for POSTs.
+//! idempotency for POSTs. Every route is declared once, in [`routes`], with
+//! its OpenAPI description next to its handler; the router and
+//! `/v1/openapi.json` are both built from that one list.
 
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod openapi;
 pub mod seed;
+pub mod tls;
 
 use crate::config::TokenConfig;
 use crate::ops::Agent;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use body::{JsonBody, OptionalJsonBody};
 use error::ApiError;
 use reimage_protocol::api::{
-    AddTaskRequest, DisableSchedulingRequest, List, Operation, RebootRequest, ReimageRequest,
+    AddTaskRequest, DisableSchedulingRequest, ErrorBody, List, Node, Operation, RebootRequest,
+    ReimageRequest, Task,
 };
 use std::fmt::Write as _;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// `request-id`: set on every response (the operation id for reimage and reboot).
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 /// `client-request-id`: a caller's retry key for POSTs.
 pub const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("client-request-id");
+/// `return-client-request-id: true` asks for `client-request-id` back.
+pub const RETURN_CLIENT_REQUEST_ID: HeaderName =
+    HeaderName::from_static("return-client-request-id");
+/// The message of the `404` for a path no route matches.
+pub const NO_SUCH_ROUTE: &str = "no such route";
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -36,37 +48,74 @@ pub struct ApiState {
     pub tokens: Arc<Vec<TokenConfig>>,
 }
 
+/// Every route of the API with its description. Only `routes!` may add a
+/// route here: it takes the path and methods from the handler's
+/// `#[utoipa::path]`, so a route cannot exist undocumented.
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(node))
+        .routes(routes!(reimage))
+        .routes(routes!(reboot))
+        .routes(routes!(disable_scheduling))
+        .routes(routes!(enable_scheduling))
+        .routes(routes!(operations))
+        .routes(routes!(operation))
+        .routes(routes!(add_task, list_tasks))
+        .routes(routes!(get_task, delete_task))
+        .routes(routes!(task_file))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(seed::batch_reimage))
+        .routes(routes!(seed::role_instance))
+        .routes(routes!(seed::role_instance_by_slot))
+        .routes(routes!(seed::operation_status))
+}
+
+/// The API description served at `/v1/openapi.json`.
+pub fn description() -> utoipa::openapi::OpenApi {
+    openapi::complete(routes().into_openapi())
+}
+
+/// `/v1/openapi.json`'s body, serialised once.
+#[derive(Clone)]
+struct OpenApiJson(Bytes);
+
 /// The API's router.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/node", get(node))
-        .route("/v1/node/reimage", post(reimage))
-        .route("/v1/node/reboot", post(reboot))
-        .route("/v1/node/disablescheduling", post(disable_scheduling))
-        .route("/v1/node/enablescheduling", post(enable_scheduling))
-        .route("/v1/operations", get(operations))
-        .route("/v1/operations/{id}", get(operation))
-        .route("/v1/tasks", post(add_task).get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task).delete(delete_task))
-        .route("/v1/tasks/{id}/files/{name}", get(task_file))
-        .route("/metrics", get(metrics))
-        .route("/pools/{pool}/nodes/{node}/reimage", post(seed::batch_reimage))
-        .route(
-            "/{subscription}/services/hostedservices/{service}/deployments/{deployment}/roleinstances/{role}",
-            post(seed::role_instance),
-        )
-        .route("/{subscription}/operations/{request_id}", get(seed::operation_status))
-        .fallback(|| async { ApiError::not_found("ResourceNotFound", "no such route") })
+    let (router, description) = routes().split_for_parts();
+    let description = openapi::complete(description);
+    let json = serde_json::to_vec(&description).unwrap_or_else(|err| {
+        // Only a bug in a schema can get here; the API itself must still serve.
+        tracing::error!(%err, "cannot serialise the OpenAPI description");
+        b"{}".to_vec()
+    });
+    router
+        .fallback(|| async { ApiError::not_found("ResourceNotFound", NO_SUCH_ROUTE) })
+        .layer(Extension(OpenApiJson(Bytes::from(json))))
         .layer(DefaultBodyLimit::max(body::BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 
-/// Gives every response a `request-id`, unless the handler set one.
+/// Gives every response a `request-id`, unless the handler set one, and
+/// echoes `client-request-id` when the caller sent
+/// `return-client-request-id: true` (as Batch does).
 async fn request_id(request: Request, next: Next) -> Response {
+    let echo = request
+        .headers()
+        .get(RETURN_CLIENT_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        .then(|| request.headers().get(&CLIENT_REQUEST_ID).cloned())
+        .flatten();
     let mut response = next.run(request).await;
+    if let Some(client_request_id) = echo {
+        response
+            .headers_mut()
+            .insert(CLIENT_REQUEST_ID, client_request_id);
+    }
     if !response.headers().contains_key(REQUEST_ID)
         && let Ok(value) = HeaderValue::from_str(&crate::ops::new_request_id())
     {
@@ -75,14 +124,24 @@ async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
-/// Refuses requests without the role their route needs.
+/// Refuses requests without the role their route needs; Service
+/// Management routes get the refusal in their own XML shape.
 async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if let Some(needed) = auth::required_role(request.method(), request.uri().path())
         && let Err(err) = auth::authorize(&state.tokens, request.headers(), needed)
     {
         tracing::info!(method = %request.method(), path = request.uri().path(), code = %err.body.code, "request refused");
-        let mut response = err.into_response();
-        if response.status() == StatusCode::UNAUTHORIZED {
+        let service_management = request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|route| seed::is_service_management(route.as_str()));
+        let unauthorized = err.status == StatusCode::UNAUTHORIZED;
+        let mut response = if service_management {
+            seed::XmlError::from(err).into_response()
+        } else {
+            err.into_response()
+        };
+        if unauthorized {
             response
                 .headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));
@@ -109,6 +168,16 @@ pub(crate) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, A
     Ok(Some(text.to_string()))
 }
 
+/// Liveness: answers `ok` without a token.
+#[utoipa::path(get, path = "/healthz", tag = "agent",
+    responses((status = 200, description = "the agent serves", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The node: state, scheduling, tasks, image, disk and saved partitions.
+#[utoipa::path(get, path = "/v1/node", tag = "node",
+    responses((status = 200, description = "the node", body = Node)))]
 async fn node(State(state): State<ApiState>) -> impl IntoResponse {
     Json(state.agent.node())
 }
@@ -126,6 +195,17 @@ fn accepted(operation: Operation) -> Response {
     response
 }
 
+/// Reimages the node under `nodeReimageOption`, with the given image or the
+/// configured one. An empty body means `requeue` and the configured image.
+#[utoipa::path(post, path = "/v1/node/reimage", tag = "node",
+    params(("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same operation")),
+    request_body(content = Option<ReimageRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted; follow the operation", body = Operation, headers(
+            ("request-id" = String, description = "the operation id"),
+            ("Location" = String, description = "/v1/operations/{id}"))),
+        (status = 400, description = "InvalidRequestBody, MissingImage, InvalidImageUrl, ImageUrlNotAllowed", body = ErrorBody),
+        (status = 409, description = "NodeBeingReimaged, NodeBeingRebooted, NodeBeingStarted or OperationInvalidForCurrentState", body = ErrorBody)))]
 async fn reimage(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -136,6 +216,15 @@ async fn reimage(
     Ok(accepted(operation))
 }
 
+/// Reboots the node under `nodeRebootOption` (the four reimage options).
+#[utoipa::path(post, path = "/v1/node/reboot", tag = "node",
+    params(("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same operation")),
+    request_body(content = Option<RebootRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted; follow the operation", body = Operation, headers(
+            ("request-id" = String, description = "the operation id"),
+            ("Location" = String, description = "/v1/operations/{id}"))),
+        (status = 409, description = "the node's state refuses a reboot", body = ErrorBody)))]
 async fn reboot(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -149,6 +238,13 @@ async fn reboot(
     Ok(accepted(operation))
 }
 
+/// Stops giving the node new tasks; running ones are requeued, terminated or
+/// left to complete.
+#[utoipa::path(post, path = "/v1/node/disablescheduling", tag = "node",
+    request_body(content = Option<DisableSchedulingRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "scheduling disabled"),
+        (status = 409, description = "the node's state refuses it", body = ErrorBody)))]
 async fn disable_scheduling(
     State(state): State<ApiState>,
     OptionalJsonBody(request): OptionalJsonBody<DisableSchedulingRequest>,
@@ -160,17 +256,31 @@ async fn disable_scheduling(
     Ok(StatusCode::OK)
 }
 
+/// Lets the node take tasks again.
+#[utoipa::path(post, path = "/v1/node/enablescheduling", tag = "node",
+    responses(
+        (status = 200, description = "scheduling enabled"),
+        (status = 409, description = "the node's state refuses it", body = ErrorBody)))]
 async fn enable_scheduling(State(state): State<ApiState>) -> Result<StatusCode, ApiError> {
     state.agent.enable_scheduling().await?;
     Ok(StatusCode::OK)
 }
 
+/// Every operation, newest last.
+#[utoipa::path(get, path = "/v1/operations", tag = "operations",
+    responses((status = 200, description = "the operations", body = List<Operation>)))]
 async fn operations(State(state): State<ApiState>) -> impl IntoResponse {
     Json(List {
         value: state.agent.operations(),
     })
 }
 
+/// One operation: status, phase, progress, tasks it requeued or stopped, error.
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations",
+    params(("id" = String, Path, description = "the operation id (the `request-id` of its POST)")),
+    responses(
+        (status = 200, description = "the operation", body = Operation),
+        (status = 404, description = "OperationNotFound", body = ErrorBody)))]
 async fn operation(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -182,6 +292,15 @@ async fn operation(
         .ok_or_else(|| ApiError::not_found("OperationNotFound", format!("no operation {id}")))
 }
 
+/// Adds a task; it runs when the node takes tasks.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    params(("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same task")),
+    request_body(content = AddTaskRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "added", body = Task, headers(
+            ("Location" = String, description = "/v1/tasks/{id}"))),
+        (status = 400, description = "MissingRequestBody, InvalidRequestBody, InvalidTaskId, InvalidDuration, …", body = ErrorBody),
+        (status = 409, description = "TaskExists or NodeNotAcceptingTasks", body = ErrorBody)))]
 async fn add_task(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -196,12 +315,21 @@ async fn add_task(
     Ok(response)
 }
 
+/// Every task the node knows.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    responses((status = 200, description = "the tasks", body = List<Task>)))]
 async fn list_tasks(State(state): State<ApiState>) -> impl IntoResponse {
     Json(List {
         value: state.agent.tasks.list(),
     })
 }
 
+/// One task.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "the task id")),
+    responses(
+        (status = 200, description = "the task", body = Task),
+        (status = 404, description = "TaskNotFound", body = ErrorBody)))]
 async fn get_task(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -214,6 +342,12 @@ async fn get_task(
     Ok(Json(task).into_response())
 }
 
+/// Deletes a task: stops it if it runs and removes its directory.
+#[utoipa::path(delete, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "the task id")),
+    responses(
+        (status = 200, description = "deleted"),
+        (status = 404, description = "TaskNotFound", body = ErrorBody)))]
 async fn delete_task(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -222,6 +356,14 @@ async fn delete_task(
     Ok(StatusCode::OK)
 }
 
+/// A task's `stdout.txt` or `stderr.txt`, while its directory is retained.
+#[utoipa::path(get, path = "/v1/tasks/{id}/files/{name}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "the task id"),
+        ("name" = String, Path, description = "`stdout.txt` or `stderr.txt`")),
+    responses(
+        (status = 200, description = "the file", body = String, content_type = "text/plain"),
+        (status = 404, description = "TaskNotFound or TaskFileNotFound", body = ErrorBody)))]
 async fn task_file(
     State(state): State<ApiState>,
     Path((id, name)): Path<(String, String)>,
@@ -243,6 +385,8 @@ async fn task_file(
 
 /// Prometheus text: operations by status, the write's bytes and rate, tasks
 /// by state, bytes held by retained task data.
+#[utoipa::path(get, path = "/metrics", tag = "agent",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let agent = &state.agent;
     let mut text = String::new();
@@ -286,4 +430,11 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         agent.tasks.retained_bytes()
     );
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// This description (OpenAPI 3.1), generated from the routes and the wire types.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "agent",
+    responses((status = 200, description = "the OpenAPI description", body = Object, content_type = "application/json")))]
+async fn openapi_json(Extension(OpenApiJson(json)): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], json)
 }

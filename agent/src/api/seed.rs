@@ -1,6 +1,7 @@
-//! Seed-compatible routes: the Azure Batch "reimage a node" and the Cloud
-//! Services "reimage role instance" requests, answered in their own shapes
-//! and backed by the same operations as API v1.
+//! Seed-compatible routes: the Azure Batch "Compute Node - Reimage" and the
+//! Cloud Services (Service Management) "Reimage Role Instance" and "Get
+//! Operation Status" requests, answered in their own shapes and backed by
+//! the same operations as API v1.
 
 use crate::api::body::OptionalJsonBody;
 use crate::api::error::ApiError;
@@ -9,23 +10,59 @@ use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use reimage_protocol::api::{OperationStatus, ReimageRequest};
-use serde::Deserialize;
-use std::collections::HashMap;
+use reimage_protocol::api::{ErrorBody, OperationStatus, ReimageRequest};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-/// Cloud Services' request id header.
-const MS_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
-/// The oldest service management API version with role instance reimage.
-const MIN_MS_VERSION: &str = "2010-10-28";
+/// Service Management's request id header, on every one of its responses.
+pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
+/// Service Management's API version header, required on every request.
+pub const MS_VERSION: HeaderName = HeaderName::from_static("x-ms-version");
+/// The oldest Service Management version with Reimage Role Instance.
+pub const MIN_MS_VERSION_REIMAGE: &str = "2010-10-28";
+/// The oldest Service Management version with Get Operation Status.
+pub const MIN_MS_VERSION_OPERATION_STATUS: &str = "2009-10-01";
+/// Service Management's XML namespace.
+pub const MS_NAMESPACE: &str = "http://schemas.microsoft.com/windowsazure";
+/// Schema name of the Service Management error body in the API description.
+pub const XML_ERROR: &str = "ServiceManagementError";
 
-/// Batch's query string: `api-version` is required.
+/// True for the route templates of the Service Management routes (which
+/// answer XML), all rooted at the subscription id.
+pub fn is_service_management(route: &str) -> bool {
+    route.starts_with("/{subscription}/")
+}
+
+/// Batch's query string: `api-version` is required; `timeout` is accepted
+/// and ignored (the reimage is accepted at once).
 #[derive(Debug, Deserialize)]
 pub struct BatchQuery {
     #[serde(rename = "api-version")]
     api_version: Option<String>,
 }
 
-/// `POST /pools/{poolId}/nodes/{nodeId}/reimage?api-version=…`.
+/// Azure Batch "Compute Node - Reimage": reimages this node when `nodeId`
+/// is its id. The body is Batch's `{"nodeReimageOption"}` (the API v1
+/// `image`/`manifestUrl` are accepted too); empty means `requeue`.
+#[utoipa::path(post, path = "/pools/{pool}/nodes/{node}/reimage", tag = "seed",
+    params(
+        ("pool" = String, Path, description = "the pool id (any: the agent has no pools)"),
+        ("node" = String, Path, description = "this node's id"),
+        ("api-version" = String, Query, description = "the Batch API version, e.g. 2024-07-01.20.0"),
+        ("timeout" = Option<i32>, Query, description = "accepted and ignored"),
+        ("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same operation"),
+        ("return-client-request-id" = Option<bool>, Header, description = "echo client-request-id in the response"),
+        ("ocp-date" = Option<String>, Header, description = "accepted and ignored")),
+    request_body(content = Option<ReimageRequest>, content_type = "application/json; odata=minimalmetadata"),
+    responses(
+        (status = 202, description = "accepted", headers(
+            ("request-id" = String, description = "the operation id: GET /v1/operations/{id}"),
+            ("DataServiceId" = String, description = "/pools/{pool}/nodes/{node}"),
+            ("Location" = String, description = "/v1/operations/{id}"),
+            ("client-request-id" = String, description = "with return-client-request-id: true"))),
+        (status = 400, description = "MissingRequiredQueryParameter (api-version) or an invalid body", body = ErrorBody),
+        (status = 404, description = "NodeNotFound: another node's id", body = ErrorBody),
+        (status = 409, description = "NodeBeingReimaged and the other state conflicts", body = ErrorBody)))]
 pub async fn batch_reimage(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
@@ -59,41 +96,85 @@ pub async fn batch_reimage(
     Ok(response)
 }
 
-/// `POST /{subscriptionId}/services/hostedservices/{service}/deployments/{deployment}/roleinstances/{role}?comp=reimage`.
+/// The role instance routes' query string: `comp=reimage`.
+#[derive(Debug, Deserialize)]
+pub struct RoleInstanceQuery {
+    comp: Option<String>,
+}
+
+/// Service Management "Reimage Role Instance" by deployment name: reimages
+/// this node when `role` is its id. No body.
+#[utoipa::path(post, path = "/{subscription}/services/hostedservices/{service}/deployments/{deployment}/roleinstances/{role}", tag = "seed",
+    params(
+        ("subscription" = String, Path, description = "any subscription id"),
+        ("service" = String, Path, description = "any cloud service name"),
+        ("deployment" = String, Path, description = "any deployment name"),
+        ("role" = String, Path, description = "this node's id"),
+        ("comp" = String, Query, description = "must be `reimage`"),
+        ("x-ms-version" = String, Header, description = "2010-10-28 or later")),
+    responses(
+        (status = 200, description = "accepted; follow it with GET /{subscription}/operations/{x-ms-request-id}", headers(
+            ("x-ms-request-id" = String, description = "the operation id"))),
+        (status = 400, description = "comp is not reimage, or x-ms-version is missing, malformed or older than 2010-10-28",
+            body = ServiceManagementError, content_type = "application/xml"),
+        (status = 404, description = "ResourceNotFound: another role instance", body = ServiceManagementError, content_type = "application/xml"),
+        (status = 409, description = "the node's state refuses a reimage", body = ServiceManagementError, content_type = "application/xml")))]
 pub async fn role_instance(
     State(state): State<ApiState>,
     Path((_subscription, _service, _deployment, role)): Path<(String, String, String, String)>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<RoleInstanceQuery>,
     headers: HeaderMap,
 ) -> Result<Response, XmlError> {
-    if query.get("comp").map(String::as_str) != Some("reimage") {
+    reimage_role_instance(&state, &role, &query, &headers).await
+}
+
+/// Service Management "Reimage Role Instance" by deployment slot
+/// (`production` or `staging`): the same as by deployment name.
+#[utoipa::path(post, path = "/{subscription}/services/hostedservices/{service}/deploymentslots/{slot}/roleinstances/{role}", tag = "seed",
+    params(
+        ("subscription" = String, Path, description = "any subscription id"),
+        ("service" = String, Path, description = "any cloud service name"),
+        ("slot" = String, Path, description = "`production` or `staging`"),
+        ("role" = String, Path, description = "this node's id"),
+        ("comp" = String, Query, description = "must be `reimage`"),
+        ("x-ms-version" = String, Header, description = "2010-10-28 or later")),
+    responses(
+        (status = 200, description = "accepted; follow it with GET /{subscription}/operations/{x-ms-request-id}", headers(
+            ("x-ms-request-id" = String, description = "the operation id"))),
+        (status = 400, description = "comp is not reimage, x-ms-version is missing, malformed or too old, or the slot is not production or staging",
+            body = ServiceManagementError, content_type = "application/xml"),
+        (status = 404, description = "ResourceNotFound: another role instance", body = ServiceManagementError, content_type = "application/xml"),
+        (status = 409, description = "the node's state refuses a reimage", body = ServiceManagementError, content_type = "application/xml")))]
+pub async fn role_instance_by_slot(
+    State(state): State<ApiState>,
+    Path((_subscription, _service, slot, role)): Path<(String, String, String, String)>,
+    Query(query): Query<RoleInstanceQuery>,
+    headers: HeaderMap,
+) -> Result<Response, XmlError> {
+    if !slot.eq_ignore_ascii_case("production") && !slot.eq_ignore_ascii_case("staging") {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
             "BadRequest",
-            "only comp=reimage is supported on role instances",
+            &format!("the deployment slot must be production or staging, not {slot}"),
         ));
     }
-    let version = headers.get("x-ms-version").and_then(|v| v.to_str().ok());
-    match version {
-        None => {
-            return Err(XmlError::new(
-                StatusCode::BAD_REQUEST,
-                "MissingOrInvalidRequiredHeader",
-                "the x-ms-version header is required",
-            ));
-        }
-        // ISO dates compare correctly as strings.
-        Some(v) if !is_iso_date(v) || v < MIN_MS_VERSION => {
-            return Err(XmlError::new(
-                StatusCode::BAD_REQUEST,
-                "InvalidHeader",
-                &format!(
-                    "x-ms-version {v} is not supported: reimage needs {MIN_MS_VERSION} or later"
-                ),
-            ));
-        }
-        Some(_) => {}
+    reimage_role_instance(&state, &role, &query, &headers).await
+}
+
+async fn reimage_role_instance(
+    state: &ApiState,
+    role: &str,
+    query: &RoleInstanceQuery,
+    headers: &HeaderMap,
+) -> Result<Response, XmlError> {
+    if query.comp.as_deref() != Some("reimage") {
+        return Err(XmlError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "role instances support only comp=reimage; add ?comp=reimage to the URI",
+        ));
     }
+    check_ms_version(headers, MIN_MS_VERSION_REIMAGE)?;
     if role != state.agent.node().id {
         return Err(XmlError::new(
             StatusCode::NOT_FOUND,
@@ -101,7 +182,7 @@ pub async fn role_instance(
             &format!("no role instance {role}"),
         ));
     }
-    let client_id = client_request_id(&headers).map_err(XmlError::from)?;
+    let client_id = client_request_id(headers).map_err(XmlError::from)?;
     let operation = state
         .agent
         .reimage(ReimageRequest::default(), client_id.as_deref())
@@ -113,11 +194,25 @@ pub async fn role_instance(
     Ok(response)
 }
 
-/// `GET /{subscriptionId}/operations/{requestId}`: the XML `Operation`.
+/// Service Management "Get Operation Status": the XML `Operation` for the
+/// `x-ms-request-id` of a role instance reimage (or any operation id).
+#[utoipa::path(get, path = "/{subscription}/operations/{request_id}", tag = "seed",
+    params(
+        ("subscription" = String, Path, description = "any subscription id"),
+        ("request_id" = String, Path, description = "the x-ms-request-id of the reimage"),
+        ("x-ms-version" = String, Header, description = "2009-10-01 or later")),
+    responses(
+        (status = 200, description = "the operation", body = ServiceManagementOperation, content_type = "application/xml",
+            headers(("x-ms-request-id" = String, description = "this request's id"))),
+        (status = 400, description = "x-ms-version is missing, malformed or older than 2009-10-01",
+            body = ServiceManagementError, content_type = "application/xml"),
+        (status = 404, description = "ResourceNotFound: no such operation", body = ServiceManagementError, content_type = "application/xml")))]
 pub async fn operation_status(
     State(state): State<ApiState>,
     Path((_subscription, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, XmlError> {
+    check_ms_version(&headers, MIN_MS_VERSION_OPERATION_STATUS)?;
     let operation = state.agent.operation(&request_id).ok_or_else(|| {
         XmlError::new(
             StatusCode::NOT_FOUND,
@@ -125,29 +220,123 @@ pub async fn operation_status(
             &format!("no operation {request_id}"),
         )
     })?;
-    let (status, http, error) = match operation.status {
-        OperationStatus::InProgress => ("InProgress", None, None),
-        OperationStatus::Succeeded => ("Succeeded", Some(200), None),
-        OperationStatus::Failed => ("Failed", Some(500), operation.error),
+    let body = ServiceManagementOperation {
+        id: operation.id,
+        status: operation.status,
+        // Only a finished operation has the status code it ended with.
+        http_status_code: match operation.status {
+            OperationStatus::InProgress => None,
+            OperationStatus::Succeeded => Some(200),
+            OperationStatus::Failed => Some(500),
+        },
+        error: operation.error.map(|e| ServiceManagementError {
+            code: e.code,
+            message: e.message,
+        }),
     };
-    let mut xml = format!(
-        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Operation xmlns=\"http://schemas.microsoft.com/windowsazure\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <ID>{}</ID>\n  <Status>{status}</Status>\n",
-        escape(&operation.id)
+    let mut response = (
+        [(CONTENT_TYPE, "application/xml; charset=utf-8")],
+        body.to_xml(),
+    )
+        .into_response();
+    insert(
+        response.headers_mut(),
+        MS_REQUEST_ID,
+        &crate::ops::new_request_id(),
     );
-    if let Some(code) = http {
-        xml.push_str(&format!("  <HttpStatusCode>{code}</HttpStatusCode>\n"));
+    Ok(response)
+}
+
+/// Service Management's `Operation` body (namespace
+/// `http://schemas.microsoft.com/windowsazure`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+#[schema(xml(
+    name = "Operation",
+    namespace = "http://schemas.microsoft.com/windowsazure"
+))]
+pub struct ServiceManagementOperation {
+    /// The request id the operation was started with.
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub status: OperationStatus,
+    /// Set once the operation ended: 200 when it succeeded, 500 when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status_code: Option<u16>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ServiceManagementError>,
+}
+
+impl ServiceManagementOperation {
+    fn to_xml(&self) -> String {
+        let status = match self.status {
+            OperationStatus::InProgress => "InProgress",
+            OperationStatus::Succeeded => "Succeeded",
+            OperationStatus::Failed => "Failed",
+        };
+        let mut xml = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Operation xmlns=\"{MS_NAMESPACE}\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <ID>{}</ID>\n  <Status>{status}</Status>\n",
+            escape(&self.id)
+        );
+        if let Some(code) = self.http_status_code {
+            xml.push_str(&format!("  <HttpStatusCode>{code}</HttpStatusCode>\n"));
+        }
+        if let Some(error) = &self.error {
+            xml.push_str(&format!(
+                "  <Error>\n    <Code>{}</Code>\n    <Message>{}</Message>\n  </Error>\n",
+                escape(&error.code),
+                escape(&error.message)
+            ));
+        }
+        xml.push_str("</Operation>\n");
+        xml
     }
-    if let Some(error) = error {
-        xml.push_str(&format!(
-            "  <Error>\n    <Code>{}</Code>\n    <Message>{}</Message>\n  </Error>\n",
-            escape(&error.code),
-            escape(&error.message)
+}
+
+/// Service Management's error body: `<Error><Code/><Message/></Error>`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+#[schema(xml(
+    name = "Error",
+    namespace = "http://schemas.microsoft.com/windowsazure"
+))]
+pub struct ServiceManagementError {
+    pub code: String,
+    pub message: String,
+}
+
+/// Refuses a request whose `x-ms-version` is missing, not a date, or older
+/// than `minimum`.
+fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> {
+    let Some(value) = headers.get(&MS_VERSION) else {
+        return Err(XmlError::new(
+            StatusCode::BAD_REQUEST,
+            "MissingOrInvalidRequiredHeader",
+            &format!(
+                "the x-ms-version header is required: send a Service Management version of {minimum} or later"
+            ),
+        ));
+    };
+    let text = value.to_str().unwrap_or_default();
+    if !is_iso_date(text) {
+        return Err(XmlError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidHeader",
+            &format!(
+                "x-ms-version {text:?} is not a version: send a date such as {minimum} (YYYY-MM-DD)"
+            ),
         ));
     }
-    xml.push_str("</Operation>\n");
-    let mut response = ([(CONTENT_TYPE, "application/xml; charset=utf-8")], xml).into_response();
-    insert(response.headers_mut(), MS_REQUEST_ID, &request_id);
-    Ok(response)
+    // ISO dates compare correctly as strings.
+    if text < minimum {
+        return Err(XmlError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidHeader",
+            &format!("x-ms-version {text} is too old: this operation needs {minimum} or later"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_node(state: &ApiState, node: &str) -> Result<(), ApiError> {
@@ -182,21 +371,22 @@ fn escape(text: &str) -> String {
         .replace('\'', "&apos;")
 }
 
-/// Service management errors are XML:
-/// `<Error><Code>…</Code><Message>…</Message></Error>`.
+/// A Service Management failure: the status and the XML error body, with an
+/// `x-ms-request-id` like every Service Management response.
 #[derive(Debug)]
 pub struct XmlError {
     status: StatusCode,
-    code: String,
-    message: String,
+    body: ServiceManagementError,
 }
 
 impl XmlError {
     fn new(status: StatusCode, code: &str, message: &str) -> Self {
         XmlError {
             status,
-            code: code.to_string(),
-            message: message.to_string(),
+            body: ServiceManagementError {
+                code: code.to_string(),
+                message: message.to_string(),
+            },
         }
     }
 }
@@ -205,8 +395,10 @@ impl From<ApiError> for XmlError {
     fn from(err: ApiError) -> Self {
         XmlError {
             status: err.status,
-            code: err.body.code,
-            message: err.body.message.value,
+            body: ServiceManagementError {
+                code: err.body.code,
+                message: err.body.message.value,
+            },
         }
     }
 }
@@ -214,16 +406,22 @@ impl From<ApiError> for XmlError {
 impl IntoResponse for XmlError {
     fn into_response(self) -> Response {
         let xml = format!(
-            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Error xmlns=\"http://schemas.microsoft.com/windowsazure\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <Code>{}</Code>\n  <Message>{}</Message>\n</Error>\n",
-            escape(&self.code),
-            escape(&self.message)
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Error xmlns=\"{MS_NAMESPACE}\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <Code>{}</Code>\n  <Message>{}</Message>\n</Error>\n",
+            escape(&self.body.code),
+            escape(&self.body.message)
         );
-        (
+        let mut response = (
             self.status,
             [(CONTENT_TYPE, "application/xml; charset=utf-8")],
             xml,
         )
-            .into_response()
+            .into_response();
+        insert(
+            response.headers_mut(),
+            MS_REQUEST_ID,
+            &crate::ops::new_request_id(),
+        );
+        response
     }
 }
 
@@ -233,15 +431,30 @@ mod tests {
 
     #[test]
     fn versions_must_be_dates_at_or_after_the_first_with_reimage() {
-        assert!(is_iso_date("2010-10-28"));
-        assert!(!is_iso_date("2010-10-2"));
-        assert!(!is_iso_date("latest"));
-        assert!("2009-10-01" < MIN_MS_VERSION);
-        assert!("2024-11-01" >= MIN_MS_VERSION);
+        let version = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(MS_VERSION, HeaderValue::from_str(v).expect("header"));
+            check_ms_version(&headers, MIN_MS_VERSION_REIMAGE)
+        };
+        assert!(version("2010-10-28").is_ok());
+        assert!(version("2024-11-01").is_ok());
+        assert!(version("2009-10-01").is_err());
+        assert!(version("2010-10-2").is_err());
+        assert!(version("latest").is_err());
+        assert!(check_ms_version(&HeaderMap::new(), MIN_MS_VERSION_REIMAGE).is_err());
     }
 
     #[test]
     fn xml_text_is_escaped() {
         assert_eq!(escape("a<b & 'c'"), "a&lt;b &amp; &apos;c&apos;");
+    }
+
+    #[test]
+    fn only_subscription_rooted_routes_are_service_management() {
+        assert!(is_service_management(
+            "/{subscription}/operations/{request_id}"
+        ));
+        assert!(!is_service_management("/v1/operations/{id}"));
+        assert!(!is_service_management("/pools/{pool}/nodes/{node}/reimage"));
     }
 }

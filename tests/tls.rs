@@ -1,0 +1,324 @@
+//! The API over HTTPS, with and without client certificates: the real agent
+//! with a CA, a server certificate and client certificates made at test time.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use reimage_e2e::bin::{agent, stderr};
+use reimage_e2e::daemon::{Daemon, READER, write_config};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A certificate authority made for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its private key, PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).expect("CA certificate"),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) with `usage`.
+    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// The files an agent's `[api]` names, and the CA that signed its server
+/// certificate.
+struct Pki {
+    server_ca: Ca,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+fn server_pki(dir: &Path) -> Pki {
+    let server_ca = Ca::new("reimage test server CA");
+    let server = server_ca.issue(
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server.key");
+    fs::write(&cert_path, format!("{}{}", server.cert, server_ca.pem())).expect("write cert");
+    fs::write(&key_path, &server.key).expect("write key");
+    Pki {
+        server_ca,
+        cert_path,
+        key_path,
+    }
+}
+
+/// Adds `lines` to the config's `[api]` table (right after `listen`).
+fn add_to_api_table(config: &Path, lines: &str) {
+    let text = fs::read_to_string(config).expect("config");
+    let at = text.find("listen = ").expect("listen in config");
+    let end = at + text[at..].find('\n').expect("end of the listen line") + 1;
+    fs::write(config, format!("{}{lines}\n{}", &text[..end], &text[end..])).expect("write config");
+}
+
+fn tls_lines(pki: &Pki) -> String {
+    format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        pki.cert_path.display(),
+        pki.key_path.display()
+    )
+}
+
+/// A blocking client that trusts `ca_pem` and presents `identity` if given.
+fn client(ca_pem: &str, identity: Option<&Leaf>) -> reqwest::blocking::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA added");
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => {
+            let certs = CertificateDer::pem_slice_iter(leaf.cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client certificate PEM");
+            let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("client key PEM");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client identity")
+        }
+    };
+    reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+fn get(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    token: Option<&str>,
+) -> reqwest::Result<(u16, serde_json::Value)> {
+    let mut request = client.get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send()?;
+    let status = response.status().as_u16();
+    let body = response.json().unwrap_or(serde_json::Value::Null);
+    Ok((status, body))
+}
+
+#[test]
+fn the_api_speaks_https_only_and_still_needs_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = server_pki(dir.path());
+    let config = write_config(dir.path(), "");
+    add_to_api_table(&config, &tls_lines(&pki));
+    let trusting = client(&pki.server_ca.pem(), None);
+    let mut daemon = Daemon::start_with(&config, "https", trusting.clone());
+    let node_url = format!("{}/v1/node", daemon.url);
+
+    let (status, node) = get(&trusting, &node_url, Some(READER)).expect("HTTPS request");
+    assert_eq!(status, 200, "{node}");
+    assert_eq!(node["id"], "node-1");
+
+    let (status, body) = get(&trusting, &node_url, None).expect("HTTPS request");
+    assert_eq!(status, 401, "a token is still needed over TLS: {body}");
+    assert_eq!(body["code"], "AuthenticationFailed");
+
+    let plain = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let plain_url = node_url.replacen("https://", "http://", 1);
+    assert!(
+        get(&plain, &plain_url, Some(READER)).is_err(),
+        "plain HTTP to the TLS port must fail"
+    );
+
+    let stranger = Ca::new("some other CA");
+    let untrusting = client(&stranger.pem(), None);
+    assert!(
+        get(&untrusting, &node_url, Some(READER)).is_err(),
+        "a client that does not trust the server's CA must fail the handshake"
+    );
+
+    // SIGTERM still stops the HTTPS server cleanly.
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}\n{}", daemon.log_text());
+}
+
+#[test]
+fn client_ca_requires_a_certificate_it_signed_and_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = server_pki(dir.path());
+    let client_ca = Ca::new("reimage test client CA");
+    let client_ca_path = dir.path().join("clients.pem");
+    fs::write(&client_ca_path, client_ca.pem()).expect("write client CA");
+    let config = write_config(dir.path(), "");
+    add_to_api_table(
+        &config,
+        &format!(
+            "{}\nclient_ca = \"{}\"",
+            tls_lines(&pki),
+            client_ca_path.display()
+        ),
+    );
+    let controller = client_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth);
+    let good = client(&pki.server_ca.pem(), Some(&controller));
+    let daemon = Daemon::start_with(&config, "https", good.clone());
+    let node_url = format!("{}/v1/node", daemon.url);
+
+    let (status, node) = get(&good, &node_url, Some(READER)).expect("mutual TLS request");
+    assert_eq!(status, 200, "{node}");
+
+    let (status, body) = get(&good, &node_url, None).expect("mutual TLS request");
+    assert_eq!(
+        status, 401,
+        "a client certificate does not replace the token: {body}"
+    );
+
+    let anonymous = client(&pki.server_ca.pem(), None);
+    assert!(
+        get(&anonymous, &node_url, Some(READER)).is_err(),
+        "a client without a certificate must fail the handshake"
+    );
+
+    let other_ca = Ca::new("not the client CA");
+    let impostor = other_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth);
+    let impostor = client(&pki.server_ca.pem(), Some(&impostor));
+    assert!(
+        get(&impostor, &node_url, Some(READER)).is_err(),
+        "a certificate from another CA must fail the handshake"
+    );
+
+    // The agent is still serving after the refused handshakes.
+    let (status, _) = get(&good, &node_url, Some(READER)).expect("mutual TLS request");
+    assert_eq!(status, 200);
+}
+
+/// Runs `serve` on a config expected to be refused; returns its stderr.
+fn serve_refused(config: &Path) -> String {
+    let mut child = agent(&["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent served with bad TLS files");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    let text = stderr(&output);
+    eprintln!("--- refused as expected:\n{text}");
+    assert!(!output.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn bad_pem_files_stop_the_agent_with_an_error_naming_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = server_pki(dir.path());
+    let config = write_config(dir.path(), "");
+    let original = fs::read_to_string(&config).expect("config");
+
+    // A certificate file with no certificate in it.
+    let garbage = dir.path().join("garbage.pem");
+    fs::write(&garbage, "this is not PEM\n").expect("write");
+    add_to_api_table(
+        &config,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            garbage.display(),
+            pki.key_path.display()
+        ),
+    );
+    let message = serve_refused(&config);
+    assert!(
+        message.contains("tls_cert") && message.contains("garbage.pem"),
+        "{message}"
+    );
+
+    // A key file holding a certificate instead of a key.
+    fs::write(&config, &original).expect("config");
+    add_to_api_table(
+        &config,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            pki.cert_path.display(),
+            pki.cert_path.display()
+        ),
+    );
+    let message = serve_refused(&config);
+    assert!(
+        message.contains("tls_key") && message.contains("server.pem"),
+        "{message}"
+    );
+
+    // A key that does not belong to the certificate.
+    let other = Ca::new("other").issue(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let other_key = dir.path().join("other.key");
+    fs::write(&other_key, &other.key).expect("write");
+    fs::write(&config, &original).expect("config");
+    add_to_api_table(
+        &config,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            pki.cert_path.display(),
+            other_key.display()
+        ),
+    );
+    let message = serve_refused(&config);
+    assert!(
+        message.contains("server.pem")
+            && message.contains("other.key")
+            && message.contains("does not belong"),
+        "{message}"
+    );
+}
