@@ -131,3 +131,28 @@ fn a_tls_file_that_cannot_be_read_is_named() {
         "{error}"
     );
 }
+
+#[test]
+fn a_tls_file_that_is_not_pem_fails_the_check_as_it_would_fail_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    let example = fs::read_to_string(shipped_example()).expect("example");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    fs::write(&cert, "not really a certificate").expect("cert");
+    fs::write(&key, "not really a key").expect("key");
+    let text = example.replace(
+        "[api]\n",
+        &format!(
+            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    fs::write(&path, text).expect("write");
+    let error = error_line(&check_config(&path));
+    assert!(
+        error.contains("ConfigInvalid") && error.contains("cert.pem"),
+        "{error}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `reimage-agent check-config PATH`: validates a config file the way
 //! `serve` would load it, and says what it would run with.
 
+use anyhow::Context;
 use clap::Args;
 use reimage_agent::Error;
 use reimage_agent::config::{Config, Role};
@@ -28,6 +29,9 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
         }
         other => anyhow::Error::new(other).context(origin.clone()),
     })?;
+    // The certificate and key must also parse and belong together, as
+    // serve will require: a config that passes here must start.
+    reimage_agent::api::tls::server_config(&config.api).context(origin.clone())?;
     println!("{origin}: ok");
     print!("{}", summary(&config));
     Ok(())
