@@ -1,9 +1,15 @@
 //! Wire types shared by `reimage-agent` and `reimagectl`, so the two sides
-//! cannot drift: the image manifest and the progress of a write.
+//! cannot drift: the API v1 bodies, the image manifest and the progress of
+//! a write; and the typed async client of the API that `reimagectl` is
+//! built on.
 
 pub mod api;
+pub mod client;
 pub mod manifest;
 pub mod progress;
+pub mod request_id;
 
+pub use client::{Client, ClientError, RetryPolicy, WaitEvent};
 pub use manifest::{ImageFormat, ImageManifest};
 pub use progress::{Phase, WriteProgress};
+pub use request_id::new_request_id;

@@ -2,6 +2,7 @@
 //! and images, loop devices, and a fault-injecting HTTP server.
 
 pub mod bin;
+pub mod ctl;
 pub mod daemon;
 pub mod http_server;
 pub mod images;
