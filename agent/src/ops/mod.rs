@@ -5,7 +5,7 @@
 
 mod record;
 
-pub use record::new_id as new_request_id;
+pub use reimage_protocol::new_request_id;
 
 use crate::api::error::ApiError;
 use crate::config::Config;

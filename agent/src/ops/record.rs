@@ -60,7 +60,7 @@ impl OperationRecord {
         let now = Timestamp::now();
         OperationRecord {
             operation: Operation {
-                id: new_id(),
+                id: reimage_protocol::new_request_id(),
                 kind,
                 status: OperationStatus::InProgress,
                 phase: None,
@@ -77,24 +77,4 @@ impl OperationRecord {
             boot_id: None,
         }
     }
-}
-
-/// A random identifier in UUID form (request ids, operation ids).
-pub fn new_id() -> String {
-    let mut bytes = [0u8; 16];
-    // Without the kernel's randomness, fall back to time: ids must exist.
-    if getrandom::fill(&mut bytes).is_err() {
-        bytes[..16].copy_from_slice(&Timestamp::now().as_nanosecond().to_le_bytes());
-    }
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
 }
