@@ -457,3 +457,45 @@ fn ctrl_c_stops_the_rollout_and_reports_the_nodes_in_flight() {
     let done = agents[0].daemon.wait_operation(op_id.as_str().expect("id"));
     assert_eq!(done["status"], "Succeeded", "{done}");
 }
+
+#[test]
+fn each_reimage_option_through_reimagectl() {
+    let image = Image::serve(None);
+    let agent = Agent::start();
+    for option in ["requeue", "terminate", "taskcompletion", "retaineddata"] {
+        let id = format!("work-{option}");
+        let command = if option == "retaineddata" {
+            "true"
+        } else {
+            "sleep 2"
+        };
+        agent.ctl_json(&["task", "add", &id, "--retention", "PT2S", "--", command]);
+        agent
+            .daemon
+            .wait_for("the task to start", &format!("/v1/tasks/{id}"), |t| {
+                t["state"] != "active"
+            });
+        let mut args = vec!["reimage", "--option", option, "--wait"];
+        let image_args = image.args();
+        args.extend(image_args.iter().map(String::as_str));
+        let summary = agent.ctl_json(&args);
+        assert_eq!(summary["succeeded"], 1, "{option}: {summary}");
+        let operation = &summary["nodes"][0]["operation"];
+        assert_eq!(operation["nodeReimageOption"], option, "{summary}");
+        let task = agent.daemon.get(&format!("/v1/tasks/{id}"));
+        // Earlier tasks may be running again too: this one must be among those stopped.
+        let stopped = |field: &str| {
+            operation[field]
+                .as_array()
+                .is_some_and(|ids| ids.contains(&Value::from(id.as_str())))
+        };
+        match option {
+            "requeue" => assert!(stopped("requeuedTasks"), "{summary}"),
+            "terminate" => assert!(stopped("terminatedTasks"), "{summary}"),
+            _ => assert_eq!(
+                task["executionInfo"]["exitCode"], 0,
+                "{option}: ran to its end: {task}"
+            ),
+        }
+    }
+}

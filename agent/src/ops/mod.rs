@@ -760,3 +760,69 @@ fn boot_time() -> Option<Timestamp> {
     let now = Timestamp::now().as_millisecond();
     Timestamp::from_millisecond(now - (seconds * 1000.0) as i64).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::TasksConfig;
+
+    /// An agent on `dir` whose store already holds `record` (a reimage that
+    /// was rebooting) and a verified image waiting for the new boot.
+    async fn agent_after_restart(dir: &std::path::Path, record: &OperationRecord) -> Arc<Agent> {
+        let text = format!(
+            "[agent]\nnode_id = \"n\"\nstate_dir = \"{0}/state\"\n[disk]\ntarget = \"{0}/disk.img\"\n[reboot]\nmethod = \"systemd\"\n",
+            dir.display()
+        );
+        let config = Config::parse(&text, "test").expect("config");
+        let store = Arc::new(Store::open(&dir.join("state")).expect("store"));
+        store
+            .put(Table::Operations, &record.operation.id, record)
+            .expect("operation");
+        let mut node = NodeRecord::new();
+        node.pending_image = Some(ImageRef {
+            name: "new".into(),
+            sha256: "ab".repeat(32),
+        });
+        store.put(Table::Node, NODE_KEY, &node).expect("node");
+        let tasks = TaskManager::start(Arc::clone(&store), TasksConfig::new(dir.join("tasks")))
+            .await
+            .expect("tasks");
+        let disk = DiskInfo {
+            target: "disk.img".into(),
+            size_bytes: 0,
+            saved_partitions: Vec::new(),
+        };
+        Agent::start(config, store, tasks, disk).expect("agent")
+    }
+
+    fn rebooting(boot_id: &str) -> OperationRecord {
+        let mut record =
+            OperationRecord::new(OperationKind::Reimage, NodeReimageOption::Requeue, None, None);
+        record.operation.phase = Some(Phase::Rebooting);
+        record.boot_id = Some(boot_id.to_string());
+        record
+    }
+
+    #[tokio::test]
+    async fn a_reboot_into_a_new_boot_confirms_the_operation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = rebooting("a-boot-before-this-one");
+        let agent = agent_after_restart(dir.path(), &record).await;
+        let op = agent.operation(&record.operation.id).expect("operation");
+        assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
+        let node = agent.node();
+        assert_eq!(node.image.map(|i| i.name), Some("new".to_string()));
+        assert_eq!(node.state, NodeState::Idle);
+    }
+
+    #[tokio::test]
+    async fn the_same_boot_after_a_restart_means_the_reboot_did_not_happen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = rebooting(&read_boot_id());
+        let agent = agent_after_restart(dir.path(), &record).await;
+        let op = agent.operation(&record.operation.id).expect("operation");
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(op.error.map(|e| e.code), Some("RebootNotObserved".to_string()));
+        assert_eq!(agent.node().state, NodeState::Unusable);
+    }
+}
