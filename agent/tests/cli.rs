@@ -173,3 +173,56 @@ fn the_demo_runs_a_whole_cycle_and_cleans_up() {
     let left: Vec<_> = fs::read_dir(dir.path()).expect("tempdir").collect();
     assert!(left.is_empty(), "the sandbox is removed");
 }
+
+#[test]
+fn keygen_sign_and_verify_round_trip_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = dir.path().join("release");
+    let keygen = agent(&["image", "keygen", "-o", name.to_str().expect("path")]);
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
+    let manifest = dir.path().join("os.manifest.json");
+    fs::write(
+        &manifest,
+        format!(
+            r#"{{"name":"os","url":"os.img","format":"raw","size":1,"sha256":"{}"}}"#,
+            "a".repeat(64)
+        ),
+    )
+    .expect("manifest");
+    let sign = agent(&[
+        "image",
+        "sign",
+        manifest.to_str().expect("path"),
+        "--secret-key",
+        dir.path().join("release.key").to_str().expect("path"),
+    ]);
+    assert!(
+        sign.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sign.stderr)
+    );
+    let public = dir.path().join("release.pub");
+    let verify = |key: &str| {
+        agent(&[
+            "image",
+            "verify",
+            manifest.to_str().expect("path"),
+            "--trusted-key",
+            key,
+        ])
+    };
+    let ok = verify(public.to_str().expect("path"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("signature ok"));
+    fs::write(&manifest, b"{\"name\":\"changed\"}").expect("tamper");
+    let line = error_line(&verify(public.to_str().expect("path")));
+    assert!(line.contains("ManifestSignatureInvalid"), "{line}");
+}

@@ -5,5 +5,6 @@ pub mod http;
 pub mod inspect;
 pub mod manifest;
 pub mod pack;
+pub mod signing;
 pub mod source;
 pub mod stream;

@@ -796,8 +796,12 @@ mod tests {
     }
 
     fn rebooting(boot_id: &str) -> OperationRecord {
-        let mut record =
-            OperationRecord::new(OperationKind::Reimage, NodeReimageOption::Requeue, None, None);
+        let mut record = OperationRecord::new(
+            OperationKind::Reimage,
+            NodeReimageOption::Requeue,
+            None,
+            None,
+        );
         record.operation.phase = Some(Phase::Rebooting);
         record.boot_id = Some(boot_id.to_string());
         record
@@ -822,7 +826,10 @@ mod tests {
         let agent = agent_after_restart(dir.path(), &record).await;
         let op = agent.operation(&record.operation.id).expect("operation");
         assert_eq!(op.status, OperationStatus::Failed);
-        assert_eq!(op.error.map(|e| e.code), Some("RebootNotObserved".to_string()));
+        assert_eq!(
+            op.error.map(|e| e.code),
+            Some("RebootNotObserved".to_string())
+        );
         assert_eq!(agent.node().state, NodeState::Unusable);
     }
 }

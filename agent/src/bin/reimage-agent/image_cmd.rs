@@ -5,6 +5,7 @@ use clap::Subcommand;
 use reimage_agent::image::http::HttpOptions;
 use reimage_agent::image::inspect::{self, ImageInfo};
 use reimage_agent::image::pack;
+use reimage_agent::image::signing;
 use reimage_agent::image::source::Location;
 use std::path::PathBuf;
 
@@ -20,6 +21,28 @@ pub enum ImageCommand {
         /// Compression level.
         #[arg(long, default_value_t = 3)]
         level: i32,
+    },
+    /// Make a minisign key pair for signing manifests: NAME.pub and NAME.key
+    /// (mode 0600; encrypted when REIMAGE_SIGNING_PASSWORD is set).
+    Keygen {
+        #[arg(short, long, value_name = "NAME")]
+        output: PathBuf,
+    },
+    /// Sign a manifest: writes MANIFEST.minisig (an encrypted key takes its
+    /// password from REIMAGE_SIGNING_PASSWORD, or asks on the terminal).
+    Sign {
+        manifest: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        secret_key: PathBuf,
+    },
+    /// Check a manifest's MANIFEST.minisig against trusted public keys, as
+    /// the agent does with [image] trusted_keys.
+    Verify {
+        #[arg(value_name = "MANIFEST")]
+        manifest: String,
+        /// A public key (base64) or a .pub file; repeatable.
+        #[arg(long = "trusted-key", value_name = "KEY|FILE", required = true)]
+        trusted_keys: Vec<String>,
     },
     /// Decode an image (path or URL) and show its format, sizes, SHA-256 and
     /// partition table.
@@ -46,6 +69,39 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        ImageCommand::Keygen { output } => {
+            let public = signing::keygen(&output, password())
+                .with_context(|| format!("making the key pair {}", output.display()))?;
+            println!("public key (for [image] trusted_keys): {public}");
+            Ok(())
+        }
+        ImageCommand::Sign {
+            manifest,
+            secret_key,
+        } => {
+            let signature = signing::sign(&manifest, &secret_key, password())
+                .with_context(|| format!("signing {}", manifest.display()))?;
+            println!("{}", signature.display());
+            Ok(())
+        }
+        ImageCommand::Verify {
+            manifest,
+            trusted_keys,
+        } => {
+            let keys = trusted_keys
+                .iter()
+                .map(|key| crate::write_cmd::read_key(key))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let location = Location::parse(&manifest)?;
+            let (loaded, image) =
+                reimage_agent::image::manifest::load(&location, &HttpOptions::default(), &keys)
+                    .with_context(|| format!("verifying {manifest}"))?;
+            println!(
+                "{manifest}: signature ok; image {image} ({}, {} bytes, sha256 {})",
+                loaded.format, loaded.size, loaded.sha256
+            );
+            Ok(())
+        }
         ImageCommand::Inspect { image, json } => {
             let location = Location::parse(&image)?;
             let info = inspect::inspect(&location, &HttpOptions::default())
@@ -58,6 +114,11 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The signing key's password, when given in the environment.
+fn password() -> Option<String> {
+    std::env::var("REIMAGE_SIGNING_PASSWORD").ok()
 }
 
 fn describe(info: &ImageInfo) -> String {

@@ -111,7 +111,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
 }
 
 /// A key given inline, or the text of the `.pub` file it names.
-fn read_key(key: &str) -> anyhow::Result<String> {
+pub fn read_key(key: &str) -> anyhow::Result<String> {
     let path = std::path::Path::new(key);
     if path.is_file() {
         std::fs::read_to_string(path).with_context(|| format!("reading the trusted key {key}"))
