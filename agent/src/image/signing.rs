@@ -102,7 +102,7 @@ mod tests {
         verify_signature(
             &bytes,
             &fs::read(&signature).expect("sig"),
-            &[public.clone()],
+            std::slice::from_ref(&public),
         )
         .expect("verifies");
         let pub_file = fs::read_to_string(dir.path().join("release.pub")).expect("pub");
