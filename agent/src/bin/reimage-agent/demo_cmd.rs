@@ -31,7 +31,7 @@ async fn demo() -> Result<()> {
     let mut config = config::sandbox(&dir).context("preparing the sandbox")?;
     config.api.listen = "127.0.0.1:0".parse()?;
     config.tasks.kill_grace = Duration::from_secs(2);
-    let token = std::fs::read_to_string(dir.join("admin.token"))?
+    let token = std::fs::read_to_string(dir.join(config::SANDBOX_TOKEN_FILE))?
         .trim()
         .to_string();
 

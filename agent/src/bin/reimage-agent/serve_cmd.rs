@@ -5,8 +5,6 @@ use clap::Args;
 use reimage_agent::config::{self, Config};
 use std::path::{Path, PathBuf};
 
-/// Where the daemon's configuration lives on a fleet machine.
-const DEFAULT_CONFIG: &str = "/etc/reimage-agent/agent.toml";
 /// The sandbox's state, relative to the working directory.
 const SANDBOX_DIR: &str = "reimage-state";
 
@@ -33,10 +31,14 @@ fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
     if let Some(path) = explicit {
         return Config::load(path).with_context(|| format!("loading {}", path.display()));
     }
-    let default = Path::new(DEFAULT_CONFIG);
+    let default = Path::new(config::DEFAULT_CONFIG_PATH);
     if default.exists() {
-        tracing::info!(config = DEFAULT_CONFIG, "using the system configuration");
-        return Config::load(default).with_context(|| format!("loading {DEFAULT_CONFIG}"));
+        tracing::info!(
+            config = config::DEFAULT_CONFIG_PATH,
+            "using the system configuration"
+        );
+        return Config::load(default)
+            .with_context(|| format!("loading {}", config::DEFAULT_CONFIG_PATH));
     }
     tracing::info!(dir = SANDBOX_DIR, "no configuration: running the sandbox");
     config::sandbox(Path::new(SANDBOX_DIR)).context("preparing the sandbox")
