@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod disk;
 pub mod error;
+pub mod handoff;
 pub mod image;
 pub mod ops;
 pub mod pipeline;
