@@ -64,7 +64,10 @@ impl HandoffPlan {
         let text = std::fs::read(path)
             .map_err(|e| Error::io(format!("reading the handoff plan {}", path.display()), e))?;
         let plan: HandoffPlan = serde_json::from_slice(&text).map_err(|e| {
-            Error::InvalidArgument(format!("the handoff plan {} is not valid: {e}", path.display()))
+            Error::InvalidArgument(format!(
+                "the handoff plan {} is not valid: {e}",
+                path.display()
+            ))
         })?;
         if plan.version != PLAN_VERSION {
             return Err(Error::InvalidArgument(format!(
@@ -213,7 +216,10 @@ mod tests {
         let staged = staged();
         std::fs::remove_file(&staged.plan.staged_image).expect("remove");
         let outcome = run_plan(&staged.plan, &mut |_| {});
-        assert!(matches!(outcome, Err(HandoffFailure::Refused(_))), "{outcome:?}");
+        assert!(
+            matches!(outcome, Err(HandoffFailure::Refused(_))),
+            "{outcome:?}"
+        );
         assert!(target_unchanged(&staged), "the old system stays bootable");
     }
 
@@ -240,6 +246,9 @@ mod tests {
         let image_len = staged.plan.image_size as usize;
         let mut expected = vec![0u8; image_len];
         fastrand::Rng::with_seed(1).fill(&mut expected[MIB..2 * MIB]);
-        assert!(written[..image_len] == expected[..], "the image is on the disk");
+        assert!(
+            written[..image_len] == expected[..],
+            "the image is on the disk"
+        );
     }
 }
