@@ -553,3 +553,73 @@ fn with_a_trusted_key_only_a_manifest_it_signed_is_written() {
     assert_image_on_target(&lab.target, &raw);
     lab.assert_storage_intact();
 }
+
+#[test]
+fn kill_9_in_the_middle_of_a_write_leaves_only_the_saved_partitions() {
+    use reimage_e2e::http_server::{Fault, FaultServer};
+    let lab = Lab::new();
+    let raw = os_image(24, 0, 15);
+    let server = FaultServer::start(
+        vec![("/os.img.zst".into(), std::sync::Arc::new(zstd(&raw)))],
+        Fault::SlowBytesPerSec(512 * 1024),
+    );
+    let progress = lab.dir.path().join("progress.jsonl");
+    fs::write(&progress, b"").expect("progress file");
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 3>>\"$PROGRESS\"")
+        .arg(reimage_e2e::bin::binary("reimage-agent"))
+        .args([
+            "write",
+            "--image",
+            &server.url("/os.img.zst"),
+            "--sha256",
+            &sha256(&raw),
+            "--target",
+            lab.target.to_str().expect("path"),
+            "--save-partlabel",
+            "local-storage",
+            "--progress-fd",
+            "3",
+        ])
+        .env("PROGRESS", &progress)
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("write starts");
+    // Past the held first MiB: image bytes are on the disk, no table points at them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = fs::read_to_string(&progress).expect("progress");
+        let written = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["phase"] == "downloading")
+            .filter_map(|v| v["bytesWritten"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if written > 3 * MIB {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never got going"
+        );
+        assert!(
+            child.try_wait().expect("child").is_none(),
+            "the write ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    let labels: Vec<String> = partition_labels(&lab.target)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(
+        labels,
+        vec!["local-storage".to_string()],
+        "no table points at a half image"
+    );
+    lab.assert_storage_intact();
+}
