@@ -665,3 +665,81 @@ fn trusted_keys_admit_only_signed_manifests() {
         storage_sha
     );
 }
+
+/// Every route: what role it needs, and a request that would change state.
+const ROUTES: &[(&str, &str, Option<&str>)] = &[
+    ("GET", "/v1/node", Some("reader")),
+    ("POST", "/v1/node/reimage", Some("admin")),
+    ("POST", "/v1/node/reboot", Some("admin")),
+    ("POST", "/v1/node/disablescheduling", Some("operator")),
+    ("POST", "/v1/node/enablescheduling", Some("operator")),
+    ("GET", "/v1/operations", Some("reader")),
+    ("GET", "/v1/operations/x", Some("reader")),
+    ("POST", "/v1/tasks", Some("operator")),
+    ("GET", "/v1/tasks", Some("reader")),
+    ("GET", "/v1/tasks/x", Some("reader")),
+    ("DELETE", "/v1/tasks/x", Some("operator")),
+    ("GET", "/v1/tasks/x/files/stdout.txt", Some("reader")),
+    ("GET", "/metrics", Some("reader")),
+    ("GET", "/v1/openapi.json", Some("reader")),
+    (
+        "POST",
+        "/pools/p/nodes/node-1/reimage?api-version=2024-07-01.20.0",
+        Some("admin"),
+    ),
+    ("GET", "/healthz", None),
+];
+
+#[test]
+fn every_route_refuses_missing_wrong_and_lesser_tokens_and_changes_nothing() {
+    let node = node();
+    node.add_task("guarded", "sleep 1000", None);
+    node.wait_task("guarded", "running");
+    let rank = |role: &str| {
+        ["reader", "operator", "admin"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    for (method, path, needed) in ROUTES {
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        let body = (method == Method::POST).then(|| json!({"id": "new", "commandLine": "true"}));
+        for (token, role) in [
+            (None, None),
+            (Some("wrong"), None),
+            (Some(READER), Some("reader")),
+            (Some(OPERATOR), Some("operator")),
+        ] {
+            let (status, _, answer) =
+                node.daemon
+                    .request(method.clone(), path, token, body.clone(), &[]);
+            let expected = match (needed, role) {
+                (None, _) => None,
+                (Some(_), None) => Some(401),
+                (Some(needed), Some(role)) if rank(role) < rank(needed) => Some(403),
+                _ => None,
+            };
+            if let Some(expected) = expected {
+                assert_eq!(status, expected, "{method} {path} with {token:?}: {answer}");
+                let code = if expected == 401 {
+                    "AuthenticationFailed"
+                } else {
+                    "InsufficientPermissions"
+                };
+                assert_eq!(answer["code"], code, "{method} {path}");
+            }
+        }
+    }
+    // Only the operator's own allowed calls could have changed anything;
+    // the admin-only ones did not run.
+    assert!(
+        node.daemon.get("/v1/operations")["value"]
+            .as_array()
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(node.daemon.get("/v1/tasks/guarded")["state"], "running");
+    let log = node.daemon.log_text();
+    for token in [ADMIN, OPERATOR, READER] {
+        assert!(!log.contains(token), "a token appeared in the log");
+    }
+}
