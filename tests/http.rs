@@ -223,3 +223,32 @@ fn a_manifest_served_over_http_points_at_its_image() {
         "{paths:?}"
     );
 }
+
+#[test]
+fn a_one_byte_per_second_server_ends_in_a_clean_failure_within_the_window() {
+    let case = case(Fault::SlowBytesPerSec(1));
+    let before = sha256(&std::fs::read(&case.target).expect("target"));
+    let started = std::time::Instant::now();
+    let output = case.write(&[
+        "--min-rate",
+        "100",
+        "--min-rate-window",
+        "2",
+        "--retries",
+        "1",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "ended within the deadlines"
+    );
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("DownloadFailed") && err.contains("below the minimum"),
+        "{err}"
+    );
+    // Not even the held first MiB arrived: the disk was never touched.
+    let after = sha256(&std::fs::read(&case.target).expect("target"));
+    assert_eq!(before, after);
+    case.assert_storage_intact();
+}

@@ -39,6 +39,12 @@ pub struct HttpOptions {
     pub backoff_base: Duration,
     /// Longest wait between two attempts.
     pub backoff_max: Duration,
+    /// A download slower than this many bytes per second over
+    /// `min_rate_window` is abandoned (a server trickling bytes is never a
+    /// stall, but would never finish either). 0 disables the check.
+    pub min_rate: u64,
+    /// The window over which `min_rate` is measured.
+    pub min_rate_window: Duration,
     /// Which URLs may be fetched, the first one and every redirect: the
     /// daemon's `[image] allowed_urls`. `None` allows all.
     pub url_policy: Option<UrlPolicy>,
@@ -79,6 +85,8 @@ impl Default for HttpOptions {
             connect_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(8),
+            min_rate: 1024,
+            min_rate_window: Duration::from_secs(60),
             url_policy: None,
         }
     }
@@ -114,6 +122,8 @@ pub struct HttpSource {
     failures: u32,
     finished: bool,
     failed: bool,
+    /// Start and position of the current `min_rate` window.
+    rate_window: (std::time::Instant, u64),
     client: reqwest::Client,
     /// Declared last so that it is dropped after the response and the client.
     rt: tokio::runtime::Runtime,
@@ -165,6 +175,7 @@ impl HttpSource {
             failures: 0,
             finished: false,
             failed: false,
+            rate_window: (std::time::Instant::now(), 0),
             client,
             rt,
         };
@@ -413,7 +424,10 @@ impl HttpSource {
                 .rt
                 .block_on(async { tokio::time::timeout(stall, response.chunk()).await });
             match next {
-                Ok(Ok(Some(chunk))) => self.accept(chunk),
+                Ok(Ok(Some(chunk))) => {
+                    self.accept(chunk);
+                    self.check_rate()?;
+                }
                 Ok(Ok(None)) => match self.total {
                     Some(total) => {
                         let reason =
@@ -448,6 +462,27 @@ impl HttpSource {
             self.pos += chunk.len() as u64;
             self.pending = chunk;
         }
+    }
+
+    /// Abandons a download that stays below `min_rate` for a whole window.
+    fn check_rate(&mut self) -> Result<()> {
+        let (start, at) = self.rate_window;
+        let elapsed = start.elapsed();
+        if self.opts.min_rate == 0 || elapsed < self.opts.min_rate_window {
+            return Ok(());
+        }
+        let received = self.pos.saturating_sub(at);
+        let floor = self.opts.min_rate.saturating_mul(elapsed.as_secs().max(1));
+        if received < floor {
+            return Err(Error::DownloadFailed(format!(
+                "{}: {received} bytes in {:.0} s, below the minimum of {} bytes/s",
+                self.shown,
+                elapsed.as_secs_f64(),
+                self.opts.min_rate
+            )));
+        }
+        self.rate_window = (std::time::Instant::now(), self.pos);
+        Ok(())
     }
 
     fn finish(&mut self) {
@@ -663,8 +698,31 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(1),
             backoff_max: Duration::from_millis(5),
+            min_rate: 0,
+            min_rate_window: Duration::from_secs(60),
             url_policy: None,
         }
+    }
+
+    #[test]
+    fn a_server_slower_than_the_minimum_rate_is_abandoned() {
+        let data = image(100_000, 10);
+        let (_server, url) = serve(&data, Fault::SlowBytesPerSec(200));
+        let options = HttpOptions {
+            min_rate: 10_000,
+            min_rate_window: Duration::from_secs(1),
+            ..opts()
+        };
+        let started = std::time::Instant::now();
+        let mut source = HttpSource::open(&url, &options).expect("opens");
+        let err = io::copy(&mut source, &mut io::sink()).expect_err("too slow");
+        let err = Error::from_io(err, "reading");
+        assert_eq!(err.code(), "DownloadFailed", "{err}");
+        assert!(err.to_string().contains("below the minimum"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "ended within the window"
+        );
     }
 
     #[test]

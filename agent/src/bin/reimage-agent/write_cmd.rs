@@ -51,12 +51,21 @@ pub struct WriteArgs {
     /// Seconds without a byte from the server before reconnecting.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     stall_timeout: u64,
+    /// Give up on a server slower than this many bytes/s over
+    /// --min-rate-window (0: never).
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    min_rate: u64,
+    /// Seconds over which --min-rate is measured.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    min_rate_window: u64,
 }
 
 pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     let http = HttpOptions {
         retries: args.retries,
         stall_timeout: Duration::from_secs(args.stall_timeout),
+        min_rate: args.min_rate,
+        min_rate_window: Duration::from_secs(args.min_rate_window),
         ..HttpOptions::default()
     };
     let trusted_keys = args
