@@ -112,11 +112,8 @@ fn valid_gpt_disk() -> Vec<u8> {
         partition_name: "local-storage".into(),
     };
     let mut disk = vec![0u8; size as usize];
-    for (offset, run) in reimage_agent::disk::gpt::render(&mut table, size, None)
+    reimage_agent::disk::gpt::render(&mut table, size, None)
         .expect("render")
-        .runs()
-    {
-        disk[offset as usize..offset as usize + run.len()].copy_from_slice(&run);
-    }
+        .apply_to(&mut disk);
     disk
 }

@@ -46,6 +46,14 @@ impl TableSectors {
         self.sectors.contains_key(&lba)
     }
 
+    /// Writes the table into `disk`, an in-memory image of the whole disk.
+    pub fn apply_to(&self, disk: &mut [u8]) {
+        for (offset, bytes) in self.runs() {
+            let start = offset as usize;
+            disk[start..start + bytes.len()].copy_from_slice(&bytes);
+        }
+    }
+
     /// Copies the rendered sectors that fall inside `head` (which holds the
     /// disk's first bytes) into it and returns the runs that lie beyond it.
     pub fn overlay_head(&self, head: &mut Vec<u8>) -> Vec<(u64, Vec<u8>)> {
@@ -254,9 +262,7 @@ mod tests {
         );
 
         let mut image = vec![0u8; (64 * MIB) as usize];
-        for (offset, bytes) in &runs {
-            image[*offset as usize..*offset as usize + bytes.len()].copy_from_slice(bytes);
-        }
+        sectors.apply_to(&mut image);
         assert_eq!(&image[..446], &[0xeb; 446], "boot code kept");
         assert_eq!(&image[510..512], &[0x55, 0xaa]);
         let back = gptman::GPT::read_from(&mut io::Cursor::new(image), 512).expect("reads");

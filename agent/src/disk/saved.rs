@@ -293,16 +293,10 @@ mod tests {
             table[*index] = e.clone();
         }
         let mut bytes = vec![0u8; size as usize];
-        for (offset, run) in gpt::render(&mut table, size, None).expect("render").runs() {
-            bytes[offset as usize..offset as usize + run.len()].copy_from_slice(&run);
-        }
+        gpt::render(&mut table, size, None)
+            .expect("render")
+            .apply_to(&mut bytes);
         bytes
-    }
-
-    fn apply(disk: &mut [u8], sectors: &TableSectors) {
-        for (offset, run) in sectors.runs() {
-            disk[offset as usize..offset as usize + run.len()].copy_from_slice(&run);
-        }
     }
 
     /// A target with an old root at 1 MiB and local-storage in its last 16 MiB.
@@ -380,7 +374,7 @@ mod tests {
             .merge_with_image(&image[..MIB as usize], DISK)
             .expect("merges")
             .expect("image has a GPT");
-        apply(&mut disk, &sectors);
+        sectors.apply_to(&mut disk);
         let merged = GPT::read_from(&mut Cursor::new(&disk), 512).expect("valid table");
         assert_eq!(
             merged.header.backup_lba,
@@ -462,7 +456,7 @@ mod tests {
         let sectors = saved
             .merge_with_image(&image[..MIB as usize], DISK)
             .expect("ok");
-        apply(&mut disk, &sectors.expect("gpt"));
+        sectors.expect("gpt").apply_to(&mut disk);
         let merged = GPT::read_from(&mut Cursor::new(&disk), 512).expect("valid");
         assert_eq!(merged[2].partition_name.as_str(), "root");
         assert_eq!(merged[3].partition_name.as_str(), "local-storage");
@@ -489,7 +483,10 @@ mod tests {
     fn the_saved_only_table_holds_just_the_saved_partitions() {
         let mut disk = target();
         let saved = find(&disk, &spec(&["local-storage"], &[])).expect("found");
-        apply(&mut disk, &saved.saved_only_table(DISK).expect("renders"));
+        saved
+            .saved_only_table(DISK)
+            .expect("renders")
+            .apply_to(&mut disk);
         let table = GPT::read_from(&mut Cursor::new(&disk), 512).expect("valid");
         let used: Vec<_> = table.iter().filter(|(_, e)| e.is_used()).collect();
         assert_eq!(used.len(), 1);

@@ -200,9 +200,7 @@ fn demo_image() -> Result<Vec<u8>> {
             partition_name: name.into(),
         };
     }
-    for (offset, bytes) in render(&mut table, size, None)?.runs() {
-        image[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
-    }
+    render(&mut table, size, None)?.apply_to(&mut image);
     Ok(image)
 }
 
