@@ -170,6 +170,11 @@ pub struct DiskConfig {
     /// 1-based partition indexes that survive every reimage.
     #[serde(default)]
     pub save_partindex: Vec<u32>,
+    /// Where an in-place reimage (the target holds the running system)
+    /// stages the image until the shutdown handoff writes it: `auto`
+    /// (RAM when it fits, else `state_dir`), `memory` or `state_dir`.
+    #[serde(default)]
+    pub staging: crate::handoff::stage::StagingChoice,
 }
 
 /// `[image]`: the default image, and which images are acceptable at all.
@@ -489,6 +494,7 @@ pub fn sandbox(dir: &Path) -> Result<Config> {
             target: disk,
             save_partlabel: vec!["local-storage".into()],
             save_partindex: Vec::new(),
+            staging: Default::default(),
         },
         image: ImageConfig::default(),
         tasks: TasksSection {

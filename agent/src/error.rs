@@ -73,6 +73,14 @@ pub enum Error {
     /// What was read back from the target differs from what was written.
     #[error("read-back verification failed: {0}")]
     ReadbackMismatch(String),
+    /// No staging area has room for the image of an in-place reimage.
+    #[error("no room to stage the image: {0}")]
+    StagingSpaceInsufficient(String),
+    /// The target is in use and the in-place reimage through the shutdown
+    /// handoff is not possible on this node (no systemd, reboot method,
+    /// state_dir on a part of the disk the image overwrites, ...).
+    #[error("in-place reimage not possible: {0}")]
+    HandoffUnavailable(String),
     /// The request itself is wrong (bad hash syntax, bad device path, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -116,6 +124,8 @@ impl Error {
             Error::DiskWriteFailed { .. } => "DiskWriteFailed",
             Error::DiskReadFailed { .. } => "DiskReadFailed",
             Error::ReadbackMismatch(_) => "ReadbackMismatch",
+            Error::StagingSpaceInsufficient(_) => "StagingSpaceInsufficient",
+            Error::HandoffUnavailable(_) => "HandoffUnavailable",
             Error::InvalidArgument(_) => "InvalidArgument",
             Error::StoreFailed(_) => "StoreFailed",
             Error::ConfigInvalid(_) => "ConfigInvalid",

@@ -103,6 +103,10 @@ pub struct WriteRequest {
     /// Read everything written back and compare (on by default).
     pub read_back: bool,
     pub http: HttpOptions,
+    /// Read-only mounts of saved partitions that may stay while the target
+    /// is written (the shutdown handoff reads its staged image from one);
+    /// empty everywhere else, and then the target is opened exclusively.
+    pub beside_mounts: Vec<PathBuf>,
 }
 
 /// What a successful write did.
@@ -141,7 +145,7 @@ pub fn write_image(
     report: &mut dyn FnMut(&WriteProgress),
 ) -> Result<WriteReport, WriteFailure> {
     let started = Instant::now();
-    let target = Target::open_for_write(&request.target)?;
+    let target = Target::open_for_write_beside(&request.target, &request.beside_mounts)?;
     let job = Job::plan(&target, request)?;
     let mut meter = ProgressMeter::new(report);
     let result = job.run(request, &mut meter);
@@ -234,12 +238,17 @@ impl<'t> Job<'t> {
         self.check_fits(image.size.or(raw_length))?;
         tracing::info!(image = %image.location, %format, "writing image");
         let streamed = self.stream(decoded, image.size, meter)?;
-        check_image(&streamed, image)?;
+        check_image(streamed.size, &streamed.sha256, image)?;
         if request.read_back {
             self.read_back(&streamed, meter)?;
         }
         self.commit_table(&streamed, meter)?;
-        self.target.reread_partition_table()?;
+        // The disk holds the verified image and its table now: a kernel
+        // that cannot re-read it yet (a partition still open) sees it at the
+        // next boot, so this must not undo the write.
+        if let Err(err) = self.target.reread_partition_table() {
+            tracing::warn!(%err, "the new partition table is written, but the kernel did not re-read it; it takes effect at the next boot");
+        }
         meter.phase(Phase::Done, Some(streamed.size));
         Ok((format, streamed))
     }
@@ -250,13 +259,10 @@ impl<'t> Job<'t> {
         let Some(size) = size else {
             return Ok(());
         };
-        if !self.growable && size > self.target.size() {
-            return Err(Error::TargetTooSmall {
-                needed: size,
-                available: self.target.size(),
-            });
+        if self.growable {
+            return self.saved.check_image_extent(size);
         }
-        self.saved.check_image_extent(size)
+        check_image_fits(&self.saved, self.target.size(), size)
     }
 
     /// source → decode → hash → sink, holding the first MiB back.
@@ -443,25 +449,37 @@ impl<'t> Job<'t> {
     }
 }
 
-/// The decoded image must have the announced size and hash.
-fn check_image(streamed: &Streamed, image: &ImageRequest) -> Result<()> {
+/// An image of `size` bytes fits on a disk of `disk_size` without covering a
+/// saved partition.
+pub(crate) fn check_image_fits(saved: &SavedPartitions, disk_size: u64, size: u64) -> Result<()> {
+    if size > disk_size {
+        return Err(Error::TargetTooSmall {
+            needed: size,
+            available: disk_size,
+        });
+    }
+    saved.check_image_extent(size)
+}
+
+/// The decoded image (`size` bytes hashing to `sha256`) must have the
+/// announced size and hash.
+pub(crate) fn check_image(size: u64, sha256: &str, image: &ImageRequest) -> Result<()> {
     if let Some(expected) = image.size
-        && streamed.size != expected
+        && size != expected
     {
         return Err(Error::ImageTruncated(format!(
-            "the image ended after {} of {expected} bytes",
-            streamed.size
+            "the image ended after {size} of {expected} bytes"
         )));
     }
     match &image.sha256 {
-        Some(expected) if *expected != streamed.sha256 => Err(Error::ImageChecksumMismatch {
+        Some(expected) if expected != sha256 => Err(Error::ImageChecksumMismatch {
             expected: expected.clone(),
-            actual: streamed.sha256.clone(),
+            actual: sha256.to_string(),
         }),
         Some(_) => Ok(()),
         None => {
             tracing::warn!(
-                sha256 = %streamed.sha256,
+                %sha256,
                 "no expected SHA-256 was given: the image was checked only for a clean decode and a matching read-back"
             );
             Ok(())

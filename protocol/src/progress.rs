@@ -9,12 +9,17 @@ use serde::{Deserialize, Serialize};
 pub enum Phase {
     WaitingForTasks,
     WaitingForRetention,
+    /// In-place reimage: downloading, decoding and verifying the whole image
+    /// into the staging area while the old system still runs.
+    Staging,
     /// Streaming, decoding, hashing and writing the image.
     Downloading,
     /// Reading back what was written and comparing it.
     Verifying,
     /// Writing the merged partition table that keeps the saved partitions.
     SavingPartitions,
+    /// Rebooting; for an in-place reimage the shutdown handoff writes the
+    /// staged image during this phase.
     Rebooting,
     Confirming,
     /// The write finished and verified.

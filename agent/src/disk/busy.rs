@@ -14,7 +14,14 @@ use crate::{Error, Result};
 /// or a regular file; symlinks such as `/dev/disk/by-id/…` are resolved):
 /// mounted partitions, holders, active swap, and loop devices backed by it.
 pub fn check_not_busy(path: &Path) -> Result<()> {
-    let users = users_of(path)?;
+    check_not_busy_except(path, &[])
+}
+
+/// As [`check_not_busy`], except that read-only mounts at `read_only_mounts`
+/// are not counted: the shutdown handoff reads the staged image from a saved
+/// partition it mounted read-only while it writes the rest of the disk.
+pub fn check_not_busy_except(path: &Path, read_only_mounts: &[PathBuf]) -> Result<()> {
+    let users = users_of_except(path, read_only_mounts)?;
     if users.is_empty() {
         Ok(())
     } else {
@@ -27,6 +34,11 @@ pub fn check_not_busy(path: &Path) -> Result<()> {
 
 /// Every user of `path`, described for an operator; empty when it is free.
 pub(crate) fn users_of(path: &Path) -> Result<Vec<String>> {
+    users_of_except(path, &[])
+}
+
+/// Every user of `path` but read-only mounts at `read_only_mounts`.
+pub(crate) fn users_of_except(path: &Path, read_only_mounts: &[PathBuf]) -> Result<Vec<String>> {
     let resolved = fs::canonicalize(path)
         .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
     let meta = fs::metadata(&resolved)
@@ -36,7 +48,7 @@ pub(crate) fn users_of(path: &Path) -> Result<Vec<String>> {
     if file_type.is_block_device() {
         let dev = DevNum::from_rdev(meta.rdev());
         system
-            .block_device_users(dev)
+            .block_device_users(dev, read_only_mounts)
             .map_err(|e| Error::io(format!("finding users of {}", resolved.display()), e))
     } else if file_type.is_file() {
         system
@@ -52,13 +64,13 @@ pub(crate) fn users_of(path: &Path) -> Result<Vec<String>> {
 
 /// A device number as the kernel prints it (`major:minor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct DevNum {
+pub struct DevNum {
     pub major: u64,
     pub minor: u64,
 }
 
 impl DevNum {
-    fn from_rdev(rdev: u64) -> Self {
+    pub(crate) fn from_rdev(rdev: u64) -> Self {
         DevNum {
             major: nix::sys::stat::major(rdev),
             minor: nix::sys::stat::minor(rdev),
@@ -66,7 +78,7 @@ impl DevNum {
     }
 
     /// Parses `"7:0"` (as in mountinfo and sysfs `dev` files).
-    fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let (major, minor) = text.trim().split_once(':')?;
         Some(DevNum {
             major: major.parse().ok()?,
@@ -75,30 +87,49 @@ impl DevNum {
     }
 }
 
-/// One line of `/proc/self/mountinfo`, the fields the busy check needs.
+impl std::fmt::Display for DevNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MountEntry {
     pub dev: DevNum,
+    /// The directory of the filesystem that is mounted (`/` unless a bind
+    /// mount of a subdirectory).
+    pub root: String,
     pub mount_point: String,
+    /// The mount's own options say `ro`.
+    pub read_only: bool,
+    pub fstype: String,
     pub source: String,
 }
 
 /// Parses `/proc/self/mountinfo` (see proc(5)): field 3 is `major:minor`,
-/// field 5 the mount point; after the `-` separator come the filesystem type
-/// and the mount source. Malformed lines are skipped.
+/// field 4 the root, 5 the mount point, 6 the mount options; after the `-`
+/// separator come the filesystem type and the mount source. Malformed lines
+/// are skipped.
 pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let dev = DevNum::parse(fields.get(2)?)?;
+            let root = unescape(fields.get(3)?);
             let mount_point = unescape(fields.get(4)?);
-            // Optional fields (shared:N, master:N) vary in number; the source
-            // is the second field after the lone "-".
+            let read_only = fields.get(5)?.split(',').any(|option| option == "ro");
+            // Optional fields (shared:N, master:N) vary in number; the type
+            // and source are the two fields after the lone "-".
             let separator = fields.iter().skip(6).position(|f| *f == "-")? + 6;
+            let fstype = unescape(fields.get(separator + 1)?);
             let source = unescape(fields.get(separator + 2)?);
             Some(MountEntry {
                 dev,
+                root,
                 mount_point,
+                read_only,
+                fstype,
                 source,
             })
         })
@@ -157,14 +188,14 @@ impl BlockDev {
 
 /// The kernel's view of the system: `/sys` (a directory, so tests can build a
 /// fake one) and the text of mountinfo and swaps.
-struct System {
+pub(crate) struct System {
     sys: PathBuf,
     mountinfo: String,
     swaps: String,
 }
 
 impl System {
-    fn live() -> Result<Self> {
+    pub(crate) fn live() -> Result<Self> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
         // Without CONFIG_SWAP there is no /proc/swaps, and no swap either.
@@ -209,14 +240,24 @@ impl System {
         Ok(devices)
     }
 
-    fn block_device_users(&self, dev: DevNum) -> io::Result<Vec<String>> {
+    fn block_device_users(
+        &self,
+        dev: DevNum,
+        read_only_mounts: &[PathBuf],
+    ) -> io::Result<Vec<String>> {
         let devices = self.device_and_partitions(dev)?;
         let mut users = Vec::new();
 
         let mounts = parse_mountinfo(&self.mountinfo);
+        let allowed = |mount: &MountEntry| {
+            mount.read_only
+                && read_only_mounts
+                    .iter()
+                    .any(|allowed| Path::new(&mount.mount_point) == allowed)
+        };
         for device in &devices {
             for mount in &mounts {
-                if mount_is_on(mount, device) {
+                if mount_is_on(mount, device) && !allowed(mount) {
                     users.push(format!(
                         "{} mounted on {}",
                         device.dev_path(),
@@ -359,10 +400,14 @@ garbage line
                     major: 259,
                     minor: 1
                 },
+                root: "/".into(),
                 mount_point: "/mnt/data disk".into(),
+                read_only: false,
+                fstype: "ext4".into(),
                 source: "/dev/loop0p1".into(),
             }
         );
+        assert_eq!(mounts[2].fstype, "btrfs");
         assert_eq!(mounts[2].source, "/dev/loop0p2");
         assert_eq!(
             mounts[2].dev,
@@ -443,7 +488,7 @@ garbage line
     fn every_user_of_a_disk_and_its_partitions_is_listed() -> io::Result<()> {
         let root = tempfile::tempdir()?;
         let system = fake_system(root.path())?;
-        let users = system.block_device_users(DevNum { major: 7, minor: 0 })?;
+        let users = system.block_device_users(DevNum { major: 7, minor: 0 }, &[])?;
         assert_eq!(
             users,
             vec![
@@ -454,6 +499,30 @@ garbage line
                 "/dev/loop0p2 is the backing device of /dev/loop3",
             ]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn only_a_read_only_mount_at_an_allowed_path_is_left_out() -> io::Result<()> {
+        let root = tempfile::tempdir()?;
+        let mut system = fake_system(root.path())?;
+        let disk = DevNum { major: 7, minor: 0 };
+        let allowed = [PathBuf::from("/mnt/data disk")];
+        let mounted = "/dev/loop0p1 mounted on /mnt/data disk".to_string();
+        // Read-write: still a user, whatever the caller allows.
+        assert!(
+            system
+                .block_device_users(disk, &allowed)?
+                .contains(&mounted)
+        );
+        system.mountinfo = MOUNTINFO.replace("disk rw,noatime", "disk ro,noatime");
+        let users = system.block_device_users(disk, &allowed)?;
+        assert!(!users.contains(&mounted), "{users:?}");
+        assert!(
+            users.contains(&"/dev/loop0p2 mounted on /srv".to_string()),
+            "other mounts still count: {users:?}"
+        );
+        assert!(system.block_device_users(disk, &[])?.contains(&mounted));
         Ok(())
     }
 
@@ -470,7 +539,7 @@ garbage line
         fs::remove_file(root.path().join("block/loop3/loop/backing_file"))?;
         assert!(
             system
-                .block_device_users(DevNum { major: 7, minor: 0 })?
+                .block_device_users(DevNum { major: 7, minor: 0 }, &[])?
                 .is_empty()
         );
         Ok(())
@@ -568,6 +637,42 @@ garbage line
             "{} was mounted under a writer",
             first.display()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_handoff_may_write_beside_a_read_only_mount_of_a_partition() -> TestResult {
+        let test = "the_handoff_may_write_beside_a_read_only_mount_of_a_partition";
+        let dir = tempfile::tempdir()?;
+        let attached = disk_image(dir.path(), 64 << 20, true).and_then(|image| {
+            let disk = LoopDevice::attach(&image, true)?;
+            disk.add_partitions()?;
+            let second = disk.partition(2);
+            run("mkfs.ext4", &["-q", &second.to_string_lossy()])?;
+            Ok(disk)
+        });
+        let disk = match attached {
+            Ok(disk) => disk,
+            Err(reason) => {
+                skip(test, &reason);
+                return Ok(());
+            }
+        };
+        let second = disk.partition(2).to_string_lossy().into_owned();
+        let staged_on = tempfile::tempdir()?;
+        let at = staged_on.path().to_string_lossy().into_owned();
+        let allowed = [staged_on.path().to_path_buf()];
+
+        run("mount", &["-o", "ro", &second, &at])?;
+        let beside = crate::disk::Target::open_for_write_beside(&disk.path, &allowed);
+        let exclusive = crate::disk::Target::open_for_write(&disk.path);
+        run("mount", &["-o", "remount,rw", &at])?;
+        let beside_rw = crate::disk::Target::open_for_write_beside(&disk.path, &allowed);
+        run("umount", &[&at])?;
+
+        assert!(beside.is_ok(), "read-only mount allowed: {beside:?}");
+        assert_eq!(exclusive.expect_err("busy").code(), "DiskBusy");
+        assert_eq!(beside_rw.expect_err("rw mount").code(), "DiskBusy");
         Ok(())
     }
 }

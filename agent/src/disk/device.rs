@@ -111,6 +111,8 @@ pub struct Target {
 enum Access {
     ReadOnly,
     Write,
+    /// Write without O_EXCL, see [`Target::open_for_write_beside`].
+    WriteShared,
     WriteCreate,
 }
 
@@ -125,11 +127,26 @@ impl Target {
     /// O_DIRECT where the filesystem allows it. Anything else (a character
     /// device, a directory, a missing parent directory) is `InvalidArgument`.
     pub fn open_for_write(path: &Path) -> Result<Target> {
+        Target::open_for_write_beside(path, &[])
+    }
+
+    /// As [`Target::open_for_write`], but read-only mounts at
+    /// `read_only_mounts` (saved partitions of the target, from which the
+    /// shutdown handoff reads its staged image) may stay. The kernel refuses
+    /// O_EXCL while any partition is mounted, so then the disk is opened
+    /// without it; the sink's protected ranges keep writes off those
+    /// partitions.
+    pub fn open_for_write_beside(path: &Path, read_only_mounts: &[PathBuf]) -> Result<Target> {
         match fs::metadata(path) {
             Ok(meta) => {
                 let kind = kind_of(path, &meta.file_type())?;
-                busy::check_not_busy(path)?;
-                Target::open(path, kind, Access::Write)
+                busy::check_not_busy_except(path, read_only_mounts)?;
+                let access = if read_only_mounts.is_empty() {
+                    Access::Write
+                } else {
+                    Access::WriteShared
+                };
+                Target::open(path, kind, access)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let parent = match path.parent() {
@@ -167,7 +184,8 @@ impl Target {
     }
 
     fn open(path: &Path, kind: TargetKind, access: Access) -> Result<Target> {
-        let exclusive = kind == TargetKind::BlockDevice && access != Access::ReadOnly;
+        let exclusive = kind == TargetKind::BlockDevice
+            && matches!(access, Access::Write | Access::WriteCreate);
         let (primary, mut direct) = match open_file(path, access, exclusive, true) {
             Ok(file) => (file, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

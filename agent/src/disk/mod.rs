@@ -3,6 +3,7 @@
 pub mod aligned;
 pub mod busy;
 pub mod device;
+pub mod filesystem;
 pub mod gpt;
 pub mod readback;
 pub mod saved;

@@ -1,83 +1,37 @@
-//! The in-place reimage's last act. A node's own root disk cannot be
-//! written while it is mounted, so the daemon stages and verifies the whole
-//! image first, leaves a [`HandoffPlan`] next to a copy of itself under
-//! `/run/initramfs/`, and reboots through systemd; systemd runs that copy
-//! as `/run/initramfs/shutdown` once the old root is unmounted. There the
-//! plan is checked again — a missing or changed staged image writes
-//! nothing and the node simply reboots into its old system — and then the
-//! same pipeline writes the image, keeping the saved partitions.
+//! The in-place reimage. A node's own root disk cannot be written while it
+//! is mounted, so the daemon first stages the whole image — downloaded,
+//! decoded and verified, in RAM or on the state filesystem — while the old
+//! system still runs ([`stage`]); then it installs a copy of itself as
+//! `/run/initramfs/shutdown` beside a [`HandoffPlan`] ([`install`]) and
+//! reboots through systemd. systemd runs that copy as PID 1 once the old
+//! root is unmounted ([`shutdown`]): it checks the plan again — a missing
+//! or changed staged image writes nothing and the node simply reboots into
+//! its old system — writes the image with the same pipeline, leaves an
+//! [`Outcome`] in `state_dir` and reboots. The agent of the next boot reads
+//! that outcome to confirm the operation.
+
+pub mod install;
+pub mod outcome;
+pub mod plan;
+pub mod prepare;
+pub mod shutdown;
+pub mod stage;
+
+pub use outcome::{Outcome, OutcomeRecord};
+pub use plan::{HandoffPlan, PLAN_VERSION, StagedAt, StateFilesystem};
 
 use crate::disk::saved::SaveSpec;
 use crate::image::http::HttpOptions;
 use crate::image::source::Location;
 use crate::pipeline::{self, ImageRequest, WriteFailure, WriteReport, WriteRequest};
 use crate::{Error, Result};
-use reimage_protocol::{ImageFormat, WriteProgress};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::Read;
+use reimage_protocol::WriteProgress;
 use std::path::{Path, PathBuf};
 
-/// The plan format this build writes and reads.
-pub const PLAN_VERSION: u32 = 1;
-/// Where the plan lives inside the handoff root (`/run/initramfs`).
+/// Where systemd looks for a shutdown handoff.
+pub const HANDOFF_ROOT: &str = "/run/initramfs";
+/// Where the plan lives inside the handoff root.
 pub const PLAN_FILE: &str = "reimage-plan.json";
-
-/// Everything the handoff needs, decided and verified while the old
-/// system still ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HandoffPlan {
-    pub version: u32,
-    /// The operation this write finishes (the new system confirms it).
-    pub operation_id: String,
-    /// The staged image as fetched (still encoded).
-    pub staged_image: PathBuf,
-    /// SHA-256 of the staged file: it must not have changed since staging.
-    pub staged_sha256: String,
-    /// Format, size and SHA-256 of the decoded image, checked again as it
-    /// is written.
-    pub format: ImageFormat,
-    pub image_size: u64,
-    pub image_sha256: String,
-    /// The whole disk to write.
-    pub target: PathBuf,
-    pub save_partlabel: Vec<String>,
-    pub save_partindex: Vec<u32>,
-}
-
-impl HandoffPlan {
-    /// Writes the plan (aside, then renamed: a plan is whole or absent).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::io("serialising the handoff plan", std::io::Error::other(e)))?;
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, text)
-            .and_then(|()| File::open(&partial).and_then(|f| f.sync_all()))
-            .and_then(|()| std::fs::rename(&partial, path))
-            .map_err(|e| Error::io(format!("writing the handoff plan {}", path.display()), e))
-    }
-
-    /// Reads and checks a plan.
-    pub fn load(path: &Path) -> Result<HandoffPlan> {
-        let text = std::fs::read(path)
-            .map_err(|e| Error::io(format!("reading the handoff plan {}", path.display()), e))?;
-        let plan: HandoffPlan = serde_json::from_slice(&text).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "the handoff plan {} is not valid: {e}",
-                path.display()
-            ))
-        })?;
-        if plan.version != PLAN_VERSION {
-            return Err(Error::InvalidArgument(format!(
-                "the handoff plan is version {}, this agent reads {PLAN_VERSION}",
-                plan.version
-            )));
-        }
-        Ok(plan)
-    }
-}
 
 /// Why the handoff did not write, or what went wrong while it did.
 #[derive(Debug)]
@@ -88,17 +42,20 @@ pub enum HandoffFailure {
     WriteFailed(WriteFailure),
 }
 
-/// Checks the staged image against the plan, then writes it. Nothing is
-/// written unless the staged file is there and hashes as it did when it
-/// was verified.
+/// Checks the staged image at `staged` against the plan, then writes it.
+/// Nothing is written unless the staged file is there and hashes as it did
+/// when it was verified. `beside_mounts` are the read-only mounts of saved
+/// partitions that may stay while the target is written.
 pub fn run_plan(
     plan: &HandoffPlan,
+    staged: &Path,
+    beside_mounts: &[PathBuf],
     progress: &mut dyn FnMut(&WriteProgress),
 ) -> std::result::Result<WriteReport, HandoffFailure> {
-    check_staged(plan).map_err(HandoffFailure::Refused)?;
+    check_staged(staged, &plan.staged_sha256).map_err(HandoffFailure::Refused)?;
     let request = WriteRequest {
         image: ImageRequest {
-            location: Location::File(plan.staged_image.clone()),
+            location: Location::File(staged.to_path_buf()),
             sha256: Some(plan.image_sha256.clone()),
             size: Some(plan.image_size),
             format: Some(plan.format),
@@ -110,6 +67,7 @@ pub fn run_plan(
         },
         read_back: true,
         http: HttpOptions::default(),
+        beside_mounts: beside_mounts.to_vec(),
     };
     pipeline::write_image(&request, progress).map_err(|failure| {
         if failure.disk_touched {
@@ -121,28 +79,11 @@ pub fn run_plan(
 }
 
 /// The staged file exists and has the hash it had when it was verified.
-fn check_staged(plan: &HandoffPlan) -> Result<()> {
-    let mut file = File::open(&plan.staged_image).map_err(|e| {
-        Error::io(
-            format!("opening the staged image {}", plan.staged_image.display()),
-            e,
-        )
-    })?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|e| Error::io("reading the staged image", e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    let actual = hex::encode(hasher.finalize());
-    if actual != plan.staged_sha256 {
+fn check_staged(staged: &Path, expected: &str) -> Result<()> {
+    let (actual, _) = stage::hash_file(staged)?;
+    if actual != expected {
         return Err(Error::ImageChecksumMismatch {
-            expected: plan.staged_sha256.clone(),
+            expected: expected.to_string(),
             actual,
         });
     }
@@ -152,13 +93,23 @@ fn check_staged(plan: &HandoffPlan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reimage_protocol::ImageFormat;
+    use sha2::{Digest, Sha256};
 
     const MIB: usize = 1 << 20;
 
     struct Staged {
         dir: tempfile::TempDir,
         plan: HandoffPlan,
+        /// The staged file, as the handoff would find it.
+        staged: PathBuf,
         target_before: Vec<u8>,
+    }
+
+    impl Staged {
+        fn run(&self) -> std::result::Result<WriteReport, HandoffFailure> {
+            run_plan(&self.plan, &self.staged, &[], &mut |_| {})
+        }
     }
 
     /// A 4 MiB raw image staged as zstd, and a 16 MiB target of random bytes.
@@ -167,8 +118,9 @@ mod tests {
         let mut image = vec![0u8; 4 * MIB];
         fastrand::Rng::with_seed(1).fill(&mut image[MIB..2 * MIB]);
         let packed = zstd::encode_all(&image[..], 1).expect("zstd");
-        let staged_image = dir.path().join("image.zst");
-        std::fs::write(&staged_image, &packed).expect("staged");
+        let staged = dir.path().join("staging/image.zst");
+        std::fs::create_dir(dir.path().join("staging")).expect("staging dir");
+        std::fs::write(&staged, &packed).expect("staged");
         let target = dir.path().join("disk.img");
         let mut target_before = vec![0u8; 16 * MIB];
         fastrand::Rng::with_seed(2).fill(&mut target_before);
@@ -176,7 +128,9 @@ mod tests {
         let plan = HandoffPlan {
             version: PLAN_VERSION,
             operation_id: "op-1".into(),
-            staged_image,
+            staged: StagedAt::StateDir {
+                path: "staging/image.zst".into(),
+            },
             staged_sha256: hex::encode(Sha256::digest(&packed)),
             format: ImageFormat::Zstd,
             image_size: image.len() as u64,
@@ -184,10 +138,19 @@ mod tests {
             target,
             save_partlabel: Vec::new(),
             save_partindex: Vec::new(),
+            state: StateFilesystem {
+                device: "/dev/vda2".into(),
+                dev: "254:2".into(),
+                fstype: "ext4".into(),
+                state_dir_in_fs: "/".into(),
+                on_target: true,
+            },
         };
+        assert_eq!(plan.staged_path(dir.path()), staged);
         Staged {
             dir,
             plan,
+            staged,
             target_before,
         }
     }
@@ -214,8 +177,8 @@ mod tests {
     #[test]
     fn a_missing_staged_image_writes_nothing() {
         let staged = staged();
-        std::fs::remove_file(&staged.plan.staged_image).expect("remove");
-        let outcome = run_plan(&staged.plan, &mut |_| {});
+        std::fs::remove_file(&staged.staged).expect("remove");
+        let outcome = staged.run();
         assert!(
             matches!(outcome, Err(HandoffFailure::Refused(_))),
             "{outcome:?}"
@@ -226,11 +189,11 @@ mod tests {
     #[test]
     fn a_staged_image_that_changed_since_staging_writes_nothing() {
         let staged = staged();
-        let mut bytes = std::fs::read(&staged.plan.staged_image).expect("staged");
+        let mut bytes = std::fs::read(&staged.staged).expect("staged");
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        std::fs::write(&staged.plan.staged_image, bytes).expect("corrupt");
-        match run_plan(&staged.plan, &mut |_| {}) {
+        std::fs::write(&staged.staged, bytes).expect("corrupt");
+        match staged.run() {
             Err(HandoffFailure::Refused(err)) => assert_eq!(err.code(), "ImageChecksumMismatch"),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -240,7 +203,7 @@ mod tests {
     #[test]
     fn a_good_plan_writes_the_image() {
         let staged = staged();
-        let report = run_plan(&staged.plan, &mut |_| {}).expect("writes");
+        let report = staged.run().expect("writes");
         assert_eq!(report.sha256, staged.plan.image_sha256);
         let written = std::fs::read(&staged.plan.target).expect("target");
         let image_len = staged.plan.image_size as usize;

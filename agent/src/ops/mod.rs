@@ -10,6 +10,8 @@ pub use reimage_protocol::new_request_id;
 use crate::api::error::ApiError;
 use crate::config::Config;
 use crate::disk::saved::SaveSpec;
+use crate::handoff::prepare::{self, InPlaceRequest};
+use crate::handoff::{HandoffPlan, Outcome, OutcomeRecord, outcome, stage};
 use crate::image::http::HttpOptions;
 use crate::pipeline::{self, ImageRequest, WriteFailure, WriteRequest};
 use crate::reboot::{self, RebootMethod};
@@ -111,6 +113,22 @@ impl Agent {
         for record in unfinished {
             let id = record.operation.id.clone();
             match record.operation.phase {
+                Some(Phase::Rebooting) | Some(Phase::Confirming) if record.handoff => {
+                    let rebooted = record.boot_id.as_deref() != Some(&self.boot_id);
+                    if rebooted {
+                        self.lock().current = Some(id.clone());
+                        self.tasks.set_hold(true);
+                        self.confirm_handoff(&id)?;
+                    } else {
+                        cancel_handoff(&id);
+                        self.fail(
+                            &id,
+                            "RebootNotObserved",
+                            "the agent restarted but the node did not reboot; the shutdown handoff was removed and nothing was written",
+                            false,
+                        )?;
+                    }
+                }
                 Some(Phase::Rebooting) | Some(Phase::Confirming) => {
                     let rebooted = record.boot_id.as_deref() != Some(&self.boot_id);
                     if rebooted || self.config.reboot.method == RebootMethod::None {
@@ -125,6 +143,18 @@ impl Agent {
                             true,
                         )?;
                     }
+                }
+                Some(Phase::Staging) => {
+                    if record.handoff {
+                        cancel_handoff(&id);
+                    }
+                    self.remove_handoff_files(&id);
+                    self.fail(
+                        &id,
+                        "AgentRestarted",
+                        "the agent stopped while staging the image; nothing was written, reimage again",
+                        false,
+                    )?;
                 }
                 Some(Phase::Downloading)
                 | Some(Phase::Verifying)
@@ -491,7 +521,10 @@ impl Agent {
                 .choose_image(&request)
                 .map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
             let written = self.write(id, image).await?;
-            self.lock().node.pending_image = Some(written);
+            let mut state = self.lock();
+            state.node.pending_image = Some(written);
+            // The agent that confirms it may be the next boot's.
+            self.store.put(Table::Node, NODE_KEY, &state.node)?;
         }
         self.reboot_now(id).await?;
         Ok(())
@@ -551,6 +584,11 @@ impl Agent {
                 .into());
             }
             let name = image.name();
+            let busy = crate::disk::busy::users_of(&disk.target).unwrap_or_default();
+            if !busy.is_empty() {
+                let sha256 = agent.stage_in_place(&op_id, request, http, &busy)?;
+                return Ok(ImageRef { name, sha256 });
+            }
             let write = WriteRequest {
                 image: request,
                 target: disk.target.clone(),
@@ -560,6 +598,7 @@ impl Agent {
                 },
                 read_back: true,
                 http,
+                beside_mounts: Vec::new(),
             };
             let report = pipeline::write_image(&write, &mut |p| agent.progress(&op_id, p))?;
             Ok::<_, WriteFailure>(ImageRef {
@@ -573,6 +612,110 @@ impl Agent {
                 std::io::Error::other(e),
             ))
         })?
+    }
+
+    /// The target holds the running system (or something else mounted):
+    /// stage and verify the image now, and install the shutdown handoff
+    /// that writes it during the reboot. Returns the image's SHA-256.
+    fn stage_in_place(
+        &self,
+        id: &str,
+        image: ImageRequest,
+        http: HttpOptions,
+        busy: &[String],
+    ) -> crate::Result<String> {
+        tracing::info!(operation = %id, users = ?busy, "the target is in use: in-place reimage through the shutdown handoff");
+        let disk = &self.config.disk;
+        let request = InPlaceRequest {
+            operation_id: id.to_string(),
+            image,
+            http,
+            target: disk.target.clone(),
+            save: SaveSpec {
+                labels: disk.save_partlabel.clone(),
+                indexes: disk.save_partindex.clone(),
+            },
+            state_dir: self.config.agent.state_dir.clone(),
+            staging: disk.staging,
+            reboot: self.config.reboot.method,
+        };
+        let prepared = prepare::stage(&request, busy, &mut |p| self.progress(id, p))?;
+        // Noted before the install: an agent that restarts from here on
+        // knows a handoff may be in place and removes it.
+        self.update_record(id, |record| record.handoff = true)?;
+        if let Err(err) = prepare::install(&prepared.plan_path) {
+            cancel_handoff(id);
+            return Err(err);
+        }
+        Ok(prepared.staged.sha256)
+    }
+
+    /// The node rebooted after an in-place reimage: the handoff's outcome
+    /// in `state_dir` says whether it wrote the image this operation
+    /// expected.
+    fn confirm_handoff(&self, id: &str) -> crate::Result<()> {
+        let state_dir = &self.config.agent.state_dir;
+        let expected =
+            HandoffPlan::load(&outcome::plan_path(state_dir, id)).map(|p| p.image_sha256);
+        let outcome = OutcomeRecord::load(state_dir, id);
+        self.remove_handoff_files(id);
+        let (record, expected) = match (outcome, expected) {
+            (Ok(Some(record)), Ok(expected)) => (record, expected),
+            (Ok(None), _) => {
+                return self.fail(
+                    id,
+                    "HandoffNotRun",
+                    "the node rebooted, but the shutdown handoff left no outcome: it did not run (was /run/initramfs/shutdown in place and /run executable?); the node is on its old image",
+                    false,
+                );
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                return self.fail(id, "HandoffOutcomeUnreadable", &err.to_string(), false);
+            }
+        };
+        tracing::info!(operation = %id, outcome = ?record.outcome, seconds = record.elapsed_seconds, "the shutdown handoff's outcome");
+        match record.outcome {
+            Outcome::Written { sha256, .. } if sha256 == expected => self.confirm(id),
+            Outcome::Written { sha256, .. } => self.fail(
+                id,
+                "HandoffImageMismatch",
+                &format!("the shutdown handoff wrote an image with sha256 {sha256}, the operation expected {expected}"),
+                false,
+            ),
+            Outcome::Refused { code, message } => self.fail(
+                id,
+                "HandoffRefused",
+                &format!("the shutdown handoff wrote nothing ({code}: {message}); the node rebooted into its old image"),
+                false,
+            ),
+            Outcome::WriteFailed { code, message } => self.fail(
+                id,
+                &code,
+                &format!("the shutdown handoff's write failed: {message}; the disk holds only the saved partitions"),
+                true,
+            ),
+        }
+    }
+
+    /// The staged image and the plan and outcome files of operation `id`.
+    fn remove_handoff_files(&self, id: &str) {
+        let state_dir = &self.config.agent.state_dir;
+        for path in [
+            outcome::plan_path(state_dir, id),
+            outcome::outcome_path(state_dir, id),
+        ] {
+            if let Err(err) = std::fs::remove_file(&path)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), %err, "could not remove a handoff file");
+            }
+        }
+        let staging = state_dir.join(stage::STATE_STAGING_DIR);
+        if let Err(err) = std::fs::remove_dir_all(&staging)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %staging.display(), %err, "could not remove the staged image");
+        }
     }
 
     fn progress(&self, id: &str, progress: &WriteProgress) {
@@ -614,9 +757,15 @@ impl Agent {
             return self.confirm(id);
         }
         crate::service::notify_status("rebooting into the new image");
-        tokio::task::spawn_blocking(move || reboot::reboot(method))
+        let rebooted = tokio::task::spawn_blocking(move || reboot::reboot(method))
             .await
-            .map_err(|e| crate::Error::io("rebooting", std::io::Error::other(e)))?
+            .map_err(|e| crate::Error::io("rebooting", std::io::Error::other(e)))?;
+        let handoff = self.lock().operations.get(id).is_some_and(|r| r.handoff);
+        if rebooted.is_err() && handoff {
+            // No reboot now must not mean a surprise write at a later one.
+            cancel_handoff(id);
+        }
+        rebooted
     }
 
     /// The node is up on its new image (or after its reboot): the operation
@@ -676,6 +825,20 @@ impl Agent {
             op.phase = Some(phase);
             op.progress = OperationProgress::default();
         })
+    }
+
+    /// Changes the record of operation `id` and persists it.
+    fn update_record(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut OperationRecord),
+    ) -> crate::Result<()> {
+        let mut state = self.lock();
+        let Some(record) = state.operations.get_mut(id) else {
+            return Ok(());
+        };
+        change(record);
+        self.store.put(Table::Operations, id, &*record)
     }
 
     /// Changes operation `id` and persists it before anyone can see it.
@@ -743,6 +906,17 @@ impl ImageChoice {
             ImageChoice::Manifest(manifest) => {
                 ImageRequest::resolve(None, Some(manifest), None, http, trusted_keys)
             }
+        }
+    }
+}
+
+/// Removes the shutdown handoff of operation `id`, if installed; logged,
+/// not fatal: the operation ends either way.
+fn cancel_handoff(id: &str) {
+    match prepare::cancel_installed() {
+        Ok(()) => tracing::info!(operation = %id, "removed the shutdown handoff"),
+        Err(err) => {
+            tracing::error!(operation = %id, %err, "could not remove the shutdown handoff: the next reboot may still write the staged image")
         }
     }
 }

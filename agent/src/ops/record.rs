@@ -47,6 +47,10 @@ pub struct OperationRecord {
     /// The boot the node was in when it started rebooting: a different one
     /// at start-up means the reboot happened.
     pub boot_id: Option<String>,
+    /// An in-place reimage: the image is staged and the shutdown handoff
+    /// writes it during the reboot, leaving its outcome in `state_dir`.
+    #[serde(default)]
+    pub handoff: bool,
 }
 
 impl OperationRecord {
@@ -75,6 +79,7 @@ impl OperationRecord {
             request,
             image_source,
             boot_id: None,
+            handoff: false,
         }
     }
 }

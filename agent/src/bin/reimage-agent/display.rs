@@ -76,6 +76,7 @@ fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::WaitingForTasks => "waiting for tasks",
         Phase::WaitingForRetention => "waiting retention",
+        Phase::Staging => "staging",
         Phase::Downloading => "writing",
         Phase::Verifying => "reading back",
         Phase::SavingPartitions => "partition table",

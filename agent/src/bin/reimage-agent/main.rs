@@ -4,6 +4,7 @@
 mod config_cmd;
 mod demo_cmd;
 mod display;
+mod handoff_cmd;
 mod image_cmd;
 mod serve_cmd;
 mod write_cmd;
@@ -36,9 +37,23 @@ enum Command {
     /// Check a config file: print a summary if it is valid, the key and line
     /// of the first problem if not.
     CheckConfig(config_cmd::CheckConfigArgs),
+    /// The privileged steps of an in-place reimage (run by the daemon
+    /// through systemd-run).
+    #[command(subcommand)]
+    Handoff(handoff_cmd::HandoffCommand),
 }
 
 fn main() -> ExitCode {
+    // Installed as /run/initramfs/shutdown, systemd-shutdown runs this
+    // binary as PID 1 with argv[0] "/shutdown".
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|name| name == "shutdown")
+    {
+        return reimage_agent::handoff::shutdown::main(&args);
+    }
     let cli = Cli::parse();
     // journald under systemd (JOURNAL_STREAM), stderr otherwise.
     reimage_agent::service::init_logging("info");
@@ -48,6 +63,7 @@ fn main() -> ExitCode {
         Command::Write(args) => write_cmd::run(args),
         Command::Image(command) => image_cmd::run(command),
         Command::CheckConfig(args) => config_cmd::run(args),
+        Command::Handoff(command) => handoff_cmd::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

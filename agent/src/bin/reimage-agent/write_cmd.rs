@@ -90,6 +90,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         },
         read_back: !args.no_verify_readback,
         http,
+        beside_mounts: Vec::new(),
     };
     let mut progress = ProgressOutput::new(args.progress_fd)?;
     let result = pipeline::write_image(&request, &mut |p| progress.show(p));

@@ -1,0 +1,419 @@
+//! Staging: the whole image downloaded, decoded and verified while the old
+//! system still runs, so that a bad image fails with the node up and its
+//! disk untouched. The encoded stream is kept as fetched (smaller than the
+//! raw image) in RAM or on the state filesystem, whichever has room.
+//!
+//! ```text
+//! source → tee (staged file) → decode → sha256, size, head
+//!   → hash and size match? → layout fits beside the saved partitions?
+//!   → fsync, staged file hashed as stored
+//! ```
+
+use crate::disk::device::Target;
+use crate::disk::saved::{SaveSpec, SavedPartitions};
+use crate::image::decode;
+use crate::image::source::Source;
+use crate::pipeline::{self, ImageRequest};
+use crate::progress::ProgressMeter;
+use crate::{Error, Result};
+use reimage_protocol::{ImageFormat, Phase};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Room kept free beyond the staged file, in RAM and on disk alike.
+pub const STAGING_HEADROOM: u64 = 64 << 20;
+/// Where RAM staging writes: the agent's runtime directory on `/run`
+/// (tmpfs), moved into the handoff root by [`super::install`].
+pub const MEMORY_STAGING_DIR: &str = "/run/reimage-agent/staging";
+/// The staging directory under `state_dir`.
+pub const STATE_STAGING_DIR: &str = "staging";
+
+/// `[disk] staging`: where an in-place reimage keeps the image until the
+/// handoff writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StagingChoice {
+    /// RAM when the image fits in half of the available memory, else the
+    /// state filesystem when it has room.
+    #[default]
+    Auto,
+    Memory,
+    StateDir,
+}
+
+/// Where one image is staged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingArea {
+    Memory,
+    StateDir,
+}
+
+/// Free room in each area, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// Half of `MemAvailable`: RAM staging must leave the node enough.
+    pub memory: u64,
+    /// Free space on the state filesystem.
+    pub state_dir: u64,
+}
+
+impl Room {
+    /// Measures both areas now.
+    pub fn measure(state_dir: &Path) -> Result<Room> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| Error::io("reading /proc/meminfo", e))?;
+        let available = mem_available(&meminfo).ok_or_else(|| {
+            Error::io(
+                "reading /proc/meminfo",
+                io::Error::other("no MemAvailable line"),
+            )
+        })?;
+        let stat = nix::sys::statvfs::statvfs(state_dir)
+            .map_err(|e| Error::io(format!("statvfs {}", state_dir.display()), e.into()))?;
+        Ok(Room {
+            memory: available / 2,
+            state_dir: stat.blocks_available() as u64 * stat.fragment_size() as u64,
+        })
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Picks the area for an image of `needed` staged bytes (the download's
+/// length, or failing that the raw size: an upper bound for a compressed
+/// image). Fails, naming the room each area has, when none fits.
+pub fn choose_area(choice: StagingChoice, needed: Option<u64>, room: Room) -> Result<StagingArea> {
+    let fits = |free: u64| needed.is_some_and(|n| n.saturating_add(STAGING_HEADROOM) <= free);
+    let refuse = |what: &str| {
+        let needed = needed.map_or("an unknown number of".to_string(), |n| n.to_string());
+        Err(Error::StagingSpaceInsufficient(format!(
+            "{what}: the image needs {needed} bytes plus {STAGING_HEADROOM} to spare; \
+             RAM staging has {} (half of MemAvailable), the state filesystem {}",
+            room.memory, room.state_dir
+        )))
+    };
+    match choice {
+        StagingChoice::Memory if fits(room.memory) => Ok(StagingArea::Memory),
+        StagingChoice::Memory => refuse("[disk] staging = \"memory\""),
+        // The state filesystem takes an image of unknown size on trust: a
+        // full disk fails the staging cleanly, the node still up.
+        StagingChoice::StateDir if needed.is_none() || fits(room.state_dir) => {
+            Ok(StagingArea::StateDir)
+        }
+        StagingChoice::StateDir => refuse("[disk] staging = \"state_dir\""),
+        StagingChoice::Auto if fits(room.memory) => Ok(StagingArea::Memory),
+        StagingChoice::Auto if needed.is_none() || fits(room.state_dir) => {
+            Ok(StagingArea::StateDir)
+        }
+        StagingChoice::Auto => refuse("no staging area has room"),
+    }
+}
+
+/// A staged, verified image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedImage {
+    pub path: PathBuf,
+    /// SHA-256 and length of the staged (still encoded) file.
+    pub staged_sha256: String,
+    pub staged_len: u64,
+    pub format: ImageFormat,
+    /// Size and SHA-256 of the decoded image.
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Streams `source` into the file `dest` while decoding and verifying it
+/// against `image`, and checks that its layout fits `target` beside the
+/// saved partitions. Nothing on `target` is written. On failure `dest` is
+/// removed.
+pub fn stage_image(
+    source: Source,
+    image: &ImageRequest,
+    dest: &Path,
+    target: &Path,
+    save: &SaveSpec,
+    meter: &mut ProgressMeter<'_>,
+) -> Result<StagedImage> {
+    let (disk_size, saved) = read_target(target, save)?;
+    if let Some(size) = image.size {
+        pipeline::check_image_fits(&saved, disk_size, size)?;
+    }
+    let staged = stage_and_verify(source, image, dest, meter).and_then(|decoded| {
+        pipeline::check_image_fits(&saved, disk_size, decoded.size)?;
+        saved.merge_with_image(&decoded.head, disk_size)?;
+        let (staged_sha256, staged_len) = hash_file(dest)?;
+        Ok(StagedImage {
+            path: dest.to_path_buf(),
+            staged_sha256,
+            staged_len,
+            format: decoded.format,
+            size: decoded.size,
+            sha256: decoded.sha256,
+        })
+    });
+    if staged.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    staged
+}
+
+/// The target's size and its saved partitions, read without writing.
+fn read_target(target: &Path, save: &SaveSpec) -> Result<(u64, SavedPartitions)> {
+    let device = Target::open_read_only(target)?;
+    let mut file =
+        File::open(target).map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
+    let saved = SavedPartitions::find(&mut file, device.logical_block_size(), save)?;
+    Ok((device.size(), saved))
+}
+
+/// What decoding the staged stream found.
+struct Decoded {
+    format: ImageFormat,
+    size: u64,
+    sha256: String,
+    head: Vec<u8>,
+}
+
+fn stage_and_verify(
+    source: Source,
+    image: &ImageRequest,
+    dest: &Path,
+    meter: &mut ProgressMeter<'_>,
+) -> Result<Decoded> {
+    let file =
+        File::create(dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+    let tee = Tee {
+        inner: source.reader,
+        copy: BufWriter::with_capacity(1 << 20, file),
+        dest: dest.to_path_buf(),
+    };
+    let (format, mut decoded) = decode::open_decoder(tee)?;
+    if let Some(expected) = image.format
+        && expected != format
+    {
+        return Err(Error::ImageFormatMismatch {
+            expected: expected.to_string(),
+            actual: format.to_string(),
+        });
+    }
+    meter.phase(Phase::Staging, image.size);
+    let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(crate::disk::HEAD_LEN);
+    let mut size = 0u64;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = decoded
+            .read(&mut buffer)
+            .map_err(|e| Error::from_io(e, "decoding the image"))?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buffer[..n];
+        hasher.update(chunk);
+        let held = (crate::disk::HEAD_LEN - head.len()).min(n);
+        head.extend_from_slice(&chunk[..held]);
+        size += n as u64;
+        if let Some(expected) = image.size
+            && size > expected
+        {
+            return Err(Error::ImageSizeMismatch {
+                expected,
+                actual: size,
+            });
+        }
+        meter.update(size);
+    }
+    meter.finish_phase(size);
+    let sha256 = hex::encode(hasher.finalize());
+    pipeline::check_image(size, &sha256, image)?;
+    // The decoder read its input to the end (trailing data is refused), so
+    // the staged file holds the whole stream: flush and persist it.
+    drop(decoded);
+    sync_file(dest)?;
+    Ok(Decoded {
+        format,
+        size,
+        sha256,
+        head,
+    })
+}
+
+/// Copies what it reads into the staged file.
+struct Tee {
+    inner: Box<dyn Read + Send>,
+    copy: BufWriter<File>,
+    dest: PathBuf,
+}
+
+impl Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            self.copy.flush()
+        } else {
+            self.copy.write_all(&buf[..n])
+        }
+        .map_err(|e| {
+            Error::io(
+                format!("writing the staged image {}", self.dest.display()),
+                e,
+            )
+            .into_io()
+        })?;
+        Ok(n)
+    }
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("syncing {}", path.display()), e))
+}
+
+/// SHA-256 and length of a file, read as stored.
+pub fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut file =
+        File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut hasher = Sha256::new();
+    let len = io::copy(&mut file, &mut hasher)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    Ok((hex::encode(hasher.finalize()), len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::source::Location;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(mem_available(text), Some(2048 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn the_area_follows_the_choice_and_the_room() {
+        let room = Room {
+            memory: 512 * MIB,
+            state_dir: 4096 * MIB,
+        };
+        let auto = |needed| choose_area(StagingChoice::Auto, needed, room).map_err(|e| e.code());
+        assert_eq!(auto(Some(100 * MIB)), Ok(StagingArea::Memory));
+        assert_eq!(auto(Some(1000 * MIB)), Ok(StagingArea::StateDir));
+        assert_eq!(auto(None), Ok(StagingArea::StateDir), "unknown size: disk");
+        assert_eq!(auto(Some(4096 * MIB)), Err("StagingSpaceInsufficient"));
+        let memory = choose_area(StagingChoice::Memory, Some(1000 * MIB), room);
+        let err = memory.expect_err("too big for RAM");
+        assert!(err.to_string().contains("memory"), "{err}");
+        assert_eq!(
+            choose_area(StagingChoice::StateDir, Some(100 * MIB), room).ok(),
+            Some(StagingArea::StateDir)
+        );
+        assert!(choose_area(StagingChoice::Memory, None, room).is_err());
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        image: Vec<u8>,
+        packed: PathBuf,
+        target: PathBuf,
+        target_sha: String,
+    }
+
+    /// A 3 MiB image with random bytes packed as zstd, and a 16 MiB target.
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut image = vec![0u8; 3 * MIB as usize];
+        fastrand::Rng::with_seed(7).fill(&mut image[..2 * MIB as usize]);
+        let packed = dir.path().join("os.img.zst");
+        std::fs::write(&packed, zstd::encode_all(&image[..], 1).expect("zstd")).expect("packed");
+        let target = dir.path().join("disk.img");
+        let mut disk = vec![0u8; 16 * MIB as usize];
+        fastrand::Rng::with_seed(8).fill(&mut disk);
+        std::fs::write(&target, &disk).expect("target");
+        let target_sha = hex::encode(Sha256::digest(&disk));
+        Setup {
+            dir,
+            image,
+            packed,
+            target,
+            target_sha,
+        }
+    }
+
+    impl Setup {
+        fn stage(&self, sha256: &str) -> Result<StagedImage> {
+            let location = Location::File(self.packed.clone());
+            let source = crate::image::source::open(&location, &Default::default())?;
+            let request = ImageRequest {
+                location,
+                sha256: Some(sha256.to_string()),
+                size: Some(self.image.len() as u64),
+                format: Some(ImageFormat::Zstd),
+            };
+            let mut report = |_: &reimage_protocol::WriteProgress| {};
+            let mut meter = ProgressMeter::new(&mut report);
+            let dest = self.dir.path().join("staged.zst");
+            stage_image(
+                source,
+                &request,
+                &dest,
+                &self.target,
+                &SaveSpec::default(),
+                &mut meter,
+            )
+        }
+
+        fn target_unchanged(&self) -> bool {
+            hash_file(&self.target).expect("target").0 == self.target_sha
+        }
+    }
+
+    #[test]
+    fn a_good_image_is_staged_as_fetched_and_the_target_is_untouched() {
+        let setup = setup();
+        let sha = hex::encode(Sha256::digest(&setup.image));
+        let staged = setup.stage(&sha).expect("stages");
+        assert_eq!(staged.sha256, sha);
+        assert_eq!(staged.size, setup.image.len() as u64);
+        assert_eq!(
+            std::fs::read(&staged.path).expect("staged"),
+            std::fs::read(&setup.packed).expect("packed"),
+            "the staged file is the stream as fetched"
+        );
+        assert_eq!(
+            staged.staged_sha256,
+            hash_file(&setup.packed).expect("hash").0
+        );
+        assert!(setup.target_unchanged());
+    }
+
+    #[test]
+    fn a_wrong_hash_fails_staging_and_leaves_no_staged_file() {
+        let setup = setup();
+        let err = setup.stage(&"0".repeat(64)).expect_err("wrong hash");
+        assert_eq!(err.code(), "ImageChecksumMismatch");
+        assert!(!setup.dir.path().join("staged.zst").exists());
+        assert!(setup.target_unchanged());
+    }
+
+    #[test]
+    fn an_image_larger_than_the_target_fails_before_it_is_fetched() {
+        let setup = setup();
+        std::fs::write(&setup.target, vec![0u8; MIB as usize]).expect("small target");
+        let sha = hex::encode(Sha256::digest(&setup.image));
+        let err = setup.stage(&sha).expect_err("too big");
+        assert_eq!(err.code(), "TargetTooSmall");
+    }
+}
