@@ -6,6 +6,7 @@
 #
 #   images/build-vm-image.sh OUTDIR [--marker TEXT] [--token-file FILE]
 #       [--agent BINARY] [--cache DIR] [--disk-size SIZE] [--storage-size SIZE]
+#       [--staging auto|memory|state_dir]
 #
 # OUTDIR gets:
 #   vmlinuz, initrd.img    the guest's kernel and initramfs (direct kernel boot)
@@ -43,6 +44,7 @@ agent=""
 cache=${REIMAGE_VM_CACHE:-/var/cache/reimage-vm}
 disk_size=4G
 storage_size=1G
+staging=auto
 while [ $# -gt 0 ]; do
     case "$1" in
         --marker) marker=${2:?--marker needs TEXT}; shift 2 ;;
@@ -51,12 +53,14 @@ while [ $# -gt 0 ]; do
         --cache) cache=${2:?--cache needs DIR}; shift 2 ;;
         --disk-size) disk_size=${2:?--disk-size needs SIZE}; shift 2 ;;
         --storage-size) storage_size=${2:?--storage-size needs SIZE}; shift 2 ;;
+        --staging) staging=${2:?--staging needs auto, memory or state_dir}; shift 2 ;;
         -h|--help) usage ;;
         -*) die "unknown option $1" ;;
         *) [ -z "$out" ] || die "one OUTDIR only"; out=$1; shift ;;
     esac
 done
 [ -n "$out" ] || usage
+case "$staging" in auto|memory|state_dir) ;; *) die "--staging must be auto, memory or state_dir" ;; esac
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "skipping: build-vm-image.sh needs root (debootstrap chroots and sets owners)"
@@ -142,7 +146,7 @@ token_sha=$(tr -d '\n' <"$token_file" | sha256sum | cut -d' ' -f1)
 
 build_key=$({
     echo "$recipe"
-    echo "marker=$marker token=$token_sha disk=$disk_mib storage=$storage_mib"
+    echo "marker=$marker token=$token_sha disk=$disk_mib storage=$storage_mib staging=$staging"
     sha256sum "$agent" "$repo/systemd/reimage-agent.service" "$0" | cut -d' ' -f1
 } | sha256sum | cut -d' ' -f1)
 outputs=(vmlinuz initrd.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json saved.sha256 image.env)
@@ -196,6 +200,8 @@ role = "admin"
 # The whole virtio disk the guest runs from (QEMU -drive if=virtio).
 target = "/dev/vda"
 save_partlabel = ["local-storage"]
+# The guest runs from /dev/vda: reimages are in place, staged here first.
+staging = "$staging"
 
 [reboot]
 method = "systemd"

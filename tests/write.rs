@@ -33,6 +33,19 @@ impl Lab {
         Lab::on(On::File, "file target").expect("file targets always work")
     }
 
+    /// A target file of `disk_mib` MiB, local-storage in its last 16 MiB.
+    fn big(disk_mib: u64) -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("disk.img");
+        let storage_sha = target_disk(&target, disk_mib, STORAGE_MIB, 11);
+        Lab {
+            _device: None,
+            dir,
+            target,
+            storage_sha,
+        }
+    }
+
     /// The same target as a file or behind a loop device; `None` (after
     /// saying why) when loop devices cannot be used here.
     fn on(kind: On, test: &str) -> Option<Lab> {
@@ -622,4 +635,121 @@ fn kill_9_in_the_middle_of_a_write_leaves_only_the_saved_partitions() {
         "no table points at a half image"
     );
     lab.assert_storage_intact();
+}
+
+/// What a target holds after a write was killed: it must be one of these,
+/// never a table pointing at a half-written or unverified image.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterKill {
+    /// Nothing was written yet.
+    Untouched,
+    /// The table holds only the saved partition.
+    SavedOnly,
+    /// The write finished: the whole image and the merged table.
+    NewImage,
+}
+
+fn state_after_kill(target: &Path, before_sha: &str, image: &[u8]) -> AfterKill {
+    let labels: Vec<String> = partition_labels(target)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    match labels.as_slice() {
+        ["old-root", "local-storage"] => {
+            assert_eq!(
+                sha256(&fs::read(target).expect("target")),
+                before_sha,
+                "the old table is there, so nothing may have changed"
+            );
+            AfterKill::Untouched
+        }
+        ["local-storage"] => AfterKill::SavedOnly,
+        ["efi", "root", "local-storage"] => {
+            assert_image_on_target(target, image);
+            AfterKill::NewImage
+        }
+        other => panic!("after kill -9 the table holds {other:?}"),
+    }
+}
+
+/// Starts `write` with its progress on fd 3 into `progress`, and kills it
+/// with SIGKILL as soon as `when` holds for a progress line.
+fn kill_write_when(
+    lab: &Lab,
+    image: &Path,
+    sha: &str,
+    when: impl Fn(&serde_json::Value) -> bool,
+) {
+    let progress = lab.dir.path().join("progress.jsonl");
+    fs::write(&progress, b"").expect("progress file");
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 3>>\"$PROGRESS\"")
+        .arg(reimage_e2e::bin::binary("reimage-agent"))
+        .args(["write", "--image"])
+        .arg(image)
+        .args(["--sha256", sha, "--target"])
+        .arg(&lab.target)
+        .args(["--save-partlabel", "local-storage", "--progress-fd", "3"])
+        .env("PROGRESS", &progress)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("write starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let text = fs::read_to_string(&progress).expect("progress");
+        let hit = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|line| when(&line));
+        if hit || child.try_wait().expect("child").is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the phase never came");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    child.wait().expect("reaped");
+}
+
+/// The phases after streaming (a kill while streaming is the test above,
+/// with a slow server to make it land there).
+#[test]
+fn kill_9_at_each_phase_leaves_the_old_disk_the_saved_only_table_or_the_verified_image() {
+    // Large enough (384 MiB, mostly zeros) that streaming and read-back
+    // each last well beyond the kill's reaction time.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = os_image(384, 15, 21);
+    let image = dir.path().join("os.img.zst");
+    fs::write(&image, zstd(&raw)).expect("image");
+    let sha = sha256(&raw);
+    let phase = |name: &'static str| move |line: &serde_json::Value| line["phase"] == name;
+    let cases: Vec<(&str, Box<dyn Fn(&serde_json::Value) -> bool>, &[AfterKill])> = vec![
+        (
+            "reading back",
+            Box::new(phase("verifying")),
+            &[AfterKill::SavedOnly],
+        ),
+        (
+            "writing the merged table",
+            Box::new(phase("savingPartitions")),
+            &[AfterKill::SavedOnly, AfterKill::NewImage],
+        ),
+        ("done", Box::new(phase("done")), &[AfterKill::NewImage]),
+    ];
+    for (what, when, allowed) in cases {
+        let lab = Lab::big(512);
+        let before = sha256(&fs::read(&lab.target).expect("target"));
+        kill_write_when(&lab, &image, &sha, when);
+        let state = state_after_kill(&lab.target, &before, &raw);
+        eprintln!("kill -9 while {what}: {state:?}");
+        assert!(allowed.contains(&state), "kill -9 while {what}: {state:?}");
+        lab.assert_storage_intact();
+        // Whatever the kill left, writing again recovers the node.
+        let output = lab.write(&image, &["--sha256", &sha]);
+        assert!(output.status.success(), "{what}: {}", stderr(&output));
+        assert_image_on_target(&lab.target, &raw);
+        lab.assert_storage_intact();
+    }
 }

@@ -39,6 +39,12 @@ pub enum ClientError {
     /// No answer in time, or an operation still running at the deadline.
     #[error("{0}")]
     Timeout(String),
+    /// The node went down to reboot for an operation and its agent did not
+    /// answer again before the deadline: the reboot (for an in-place
+    /// reimage, the write during it) failed or is stuck. The operation is
+    /// to be treated as failed.
+    #[error("{0}")]
+    NodeDidNotReturn(String),
     /// The answer was not what the API describes.
     #[error("{0}")]
     Decode(String),
@@ -55,6 +61,7 @@ impl ClientError {
             ClientError::Api { body, .. } => &body.code,
             ClientError::Transport(_) => "ConnectionFailed",
             ClientError::Timeout(_) => "Timeout",
+            ClientError::NodeDidNotReturn(_) => "NodeDidNotReturn",
             ClientError::Decode(_) => "InvalidResponse",
             ClientError::InvalidUrl(_) => "InvalidUrl",
         }
@@ -74,7 +81,9 @@ impl ClientError {
         match self {
             ClientError::Transport(_) | ClientError::Timeout(_) => true,
             ClientError::Api { status, .. } => matches!(status, 502..=504),
-            ClientError::Decode(_) | ClientError::InvalidUrl(_) => false,
+            ClientError::Decode(_)
+            | ClientError::InvalidUrl(_)
+            | ClientError::NodeDidNotReturn(_) => false,
         }
     }
 }
@@ -549,6 +558,13 @@ fn wait_timeout(
     }
     if let Some(err) = last_error {
         message.push_str(&format!("; the agent is unreachable: {err}"));
+    }
+    let rebooting = last.is_some_and(|op| op.phase == Some(crate::Phase::Rebooting));
+    if rebooting && last_error.is_some() {
+        message.push_str(
+            "; the node went down to reboot and has not come back: treat the operation as failed and look at the node's console",
+        );
+        return ClientError::NodeDidNotReturn(message);
     }
     ClientError::Timeout(message)
 }

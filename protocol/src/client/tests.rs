@@ -313,6 +313,44 @@ async fn waiting_gives_up_at_the_deadline_with_the_last_phase() {
 }
 
 #[tokio::test]
+async fn a_node_that_went_down_to_reboot_and_stays_down_did_not_return() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let rebooting = axum::Router::new().route(
+        "/v1/operations/{id}",
+        get(|| async {
+            let mut op = operation(OperationStatus::InProgress);
+            op.phase = Some(crate::Phase::Rebooting);
+            ([(axum::http::header::CONNECTION, "close")], Json(op))
+        }),
+    );
+    let server = serve_on(listener, rebooting);
+    let client = Client::new(&format!("http://{addr}"), None)
+        .expect("client")
+        .with_retry_policy(quick_retries())
+        .with_poll_interval(Duration::from_millis(20));
+    let seen = Arc::new(Mutex::new(false));
+    let flag = Arc::clone(&seen);
+    let waiter = tokio::spawn(async move {
+        client
+            .follow_operation("op-1", Duration::from_secs(2), |event| {
+                if matches!(event, WaitEvent::Observed(_)) {
+                    *flag.lock().expect("flag") = true;
+                }
+            })
+            .await
+    });
+    wait_until(|| *seen.lock().expect("flag")).await;
+    server.abort();
+    let err = waiter.await.expect("joined").expect_err("never came back");
+    assert_eq!(err.code(), "NodeDidNotReturn", "{err}");
+    assert!(err.to_string().contains("Rebooting"), "{err}");
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
 async fn waiting_for_an_unknown_operation_fails_at_once() {
     let router = axum::Router::new().route(
         "/v1/operations/{id}",

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# VM end-to-end test of the in-place reimage: the guest runs from the disk
+# it reimages, through the staging, the systemd shutdown handoff and the
+# confirmation by the agent of the new image. From the host, over the API:
+#
+#   1. old → new, staged on local-storage (state_dir): a running task is
+#      requeued; after `reimagectl op wait` the operation is Succeeded, the
+#      guest runs the new image (its marker), saved.txt on local-storage has
+#      its SHA-256, the requeued task ran again on the new image, and the node
+#      reports the new image's hash.
+#   2. new → old, staged in RAM: Succeeded, the old marker is back.
+#   3. a corrupted image (its manifest's hash no longer matches): the
+#      operation is Failed while staging, the node stayed up on its image,
+#      saved.txt intact.
+#
+# Prints each phase's time at the end.
+#
+#   tests/vm/reimage.sh          (as root; REIMAGE_VM_WORK=DIR to move its
+#                                 files from /var/cache/reimage-vm/reimage)
+#
+# Not root, or QEMU cannot be installed: prints `skipping: <reason>`, exit 0.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=tests/vm/lib.sh
+. "$repo/tests/vm/lib.sh"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "skipping: the VM reimage test needs root (debootstrap, apt-get)"
+    exit 0
+fi
+if ! bash "$repo/images/install-vm-tools.sh" >/dev/null; then
+    echo "skipping: cannot install QEMU and the image tools (see the error above)"
+    exit 0
+fi
+command -v python3 >/dev/null || { echo "error: reimage: python3 is needed to serve images to the guest" >&2; exit 1; }
+
+work=${REIMAGE_VM_WORK:-/var/cache/reimage-vm/reimage}
+run=$work/run
+fail() {
+    echo "FAIL: $*" >&2
+    [ ! -f "$run/serial.log" ] || { echo "--- last lines of the serial console" >&2; tail -n 60 "$run/serial.log" >&2; }
+    exit 1
+}
+phase_start=$SECONDS
+timings=()
+phase_done() { timings+=("$(printf '%-34s %4ds' "$1" $((SECONDS - phase_start)))"); phase_start=$SECONDS; }
+
+echo "== build the old and the new image (cached after the first run)"
+mkdir -p "$work"
+token_file=$work/admin.token
+if [ ! -s "$token_file" ]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$token_file")
+fi
+bash "$repo/images/build-vm-image.sh" "$work/old" --marker "old image" \
+    --staging state_dir --token-file "$token_file"
+bash "$repo/images/build-vm-image.sh" "$work/new" --marker "new image" \
+    --staging memory --token-file "$token_file"
+for image in old new; do
+    [ -f "$work/$image/disk.img" ] || fail "the $image image build produced no disk.img"
+done
+(cd "$repo" && cargo build --release --quiet --bin reimagectl)
+ctl=${CARGO_TARGET_DIR:-$repo/target}/release/reimagectl
+
+# What the guest can fetch: both images, and a corrupted copy of the new one
+# under its unchanged manifest.
+serve=$work/serve
+rm -rf "$serve" "$run"
+mkdir -p "$serve/old" "$serve/new" "$serve/bad" "$run"
+for image in old new; do
+    ln -s "$work/$image/os.img.zst" "$serve/$image/os.img.zst"
+    ln -s "$work/$image/os.img.zst.manifest.json" "$serve/$image/os.img.zst.manifest.json"
+done
+cp "$work/new/os.img.zst" "$serve/bad/os.img.zst"
+cp "$work/new/os.img.zst.manifest.json" "$serve/bad/os.img.zst.manifest.json"
+# One byte in the middle of the stream: it decodes, but to another image
+# (or not at all); either way the hash check must stop it.
+size=$(stat -c %s "$serve/bad/os.img.zst")
+printf '\x5a' | dd of="$serve/bad/os.img.zst" bs=1 seek=$((size / 2)) conv=notrunc status=none
+cp --sparse=always "$work/old/disk.img" "$run/disk.img"
+phase_done "build"
+
+port=$(vm_free_port)
+serve_port=$(vm_free_port)
+export VM_API=http://127.0.0.1:$port
+VM_TOKEN=$(tr -d '\n' <"$token_file")
+export VM_TOKEN
+python3 -m http.server --bind 127.0.0.1 --directory "$serve" "$serve_port" \
+    >"$run/http.log" 2>&1 &
+http_pid=$!
+vm_pid=""
+cleanup() {
+    [ -z "$vm_pid" ] || vm_stop "$vm_pid"
+    kill "$http_pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# reimagectl against the guest's agent.
+ctl() { "$ctl" --agent "$VM_API" --token-file "$token_file" "$@"; }
+
+# reimage NAME OPTION: POST /v1/node/reimage of image NAME from the host's
+# server; prints the operation id.
+reimage() {
+    local body
+    body=$(jq -cn --arg m "http://10.0.2.100:$serve_port/$1/os.img.zst.manifest.json" --arg o "$2" \
+        '{nodeReimageOption: $o, manifestUrl: $m}')
+    vm_api POST /v1/node/reimage "$body" | jq -r .id
+}
+
+# wait_op ID: reimagectl op wait, through the guest's reboot; prints the
+# operation as JSON (whatever its status).
+wait_op() {
+    ctl --output json op wait "$1" --timeout 900 >"$run/op.json" 2>"$run/op.err" || true
+    [ -s "$run/op.json" ] || fail "reimagectl op wait $1: $(cat "$run/op.err")"
+    cat "$run/op.json"
+}
+
+marker() { vm_run_task "marker-$1" "cat /etc/reimage-marker"; }
+saved_ok() {
+    local got
+    got=$(vm_run_task "saved-$1" "cd /var/lib/reimage-agent && sha256sum saved.txt")
+    [ "$got" = "$(cat "$work/old/saved.sha256")" ] || fail "saved.txt on local-storage after $1: $got"
+}
+
+echo "== boot the old image (API on $VM_API, serial console in $run/serial.log)"
+vm_pid=$(bash "$repo/tests/vm/run-vm.sh" "$run/disk.img" "$work/old/vmlinuz" "$work/old/initrd.img" \
+    --port "$port" --serve-port "$serve_port" --log "$run/serial.log")
+[ -n "$vm_pid" ] || { echo "skipping: QEMU could not be started"; exit 0; }
+vm_wait_healthz 300 "$vm_pid" || fail "the agent in the VM did not come up"
+[ "$(marker boot)" = "old image" ] || fail "the guest did not boot the old image"
+saved_ok boot
+phase_done "boot old image"
+
+echo "== 1. old → new, staged on local-storage, a running task requeued"
+# The task notes each run on local-storage, then keeps running.
+vm_api POST /v1/tasks "$(jq -cn '{id: "worker", commandLine: "cat /etc/reimage-marker >>/var/lib/reimage-agent/worker-runs.txt; exec sleep 86400"}')" >/dev/null
+deadline=$((SECONDS + 60))
+until [ "$(vm_api GET /v1/tasks/worker | jq -r .state)" = running ]; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "the worker task did not start"
+    sleep 0.5
+done
+boot_before=$(vm_run_task boot-before "cat /proc/sys/kernel/random/boot_id")
+op=$(reimage new requeue)
+echo "operation $op"
+result=$(wait_op "$op")
+echo "operation: $(jq -c '{status, phase, error, requeuedTasks}' <<<"$result")"
+[ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage to the new image did not succeed: $result"
+jq -e '.requeuedTasks | index("worker")' <<<"$result" >/dev/null || fail "the worker task was not requeued: $result"
+phase_done "reimage old → new (state_dir)"
+
+[ "$(marker new)" = "new image" ] || fail "the guest does not run the new image"
+[ "$(vm_run_task boot-after "cat /proc/sys/kernel/random/boot_id")" != "$boot_before" ] ||
+    fail "the boot id did not change"
+saved_ok new
+node=$(vm_api GET /v1/node)
+[ "$(jq -r .image.sha256 <<<"$node")" = "$(jq -r .sha256 "$work/new/os.img.zst.manifest.json")" ] ||
+    fail "the node reports image $(jq -c .image <<<"$node")"
+deadline=$((SECONDS + 60))
+until runs=$(vm_run_task "runs-$SECONDS" "cat /var/lib/reimage-agent/worker-runs.txt") &&
+    [ "$runs" = "$(printf 'old image\nnew image')" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "the requeued task did not run again on the new image: ${runs:-}"
+    sleep 1
+done
+task=$(vm_api GET /v1/tasks/worker)
+echo "worker: $(jq -c '{state, requeueCount: .executionInfo.requeueCount}' <<<"$task"), runs: $(tr '\n' ',' <<<"$runs")"
+[ "$(jq -r .executionInfo.requeueCount <<<"$task")" -ge 1 ] || fail "requeueCount: $task"
+vm_api DELETE /v1/tasks/worker >/dev/null || true
+phase_done "checks on the new image"
+
+echo "== 2. new → old, staged in RAM"
+op=$(reimage old terminate)
+result=$(wait_op "$op")
+echo "operation: $(jq -c '{status, phase, error}' <<<"$result")"
+[ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage back to the old image did not succeed: $result"
+[ "$(marker back)" = "old image" ] || fail "the guest does not run the old image again"
+saved_ok back
+phase_done "reimage new → old (memory)"
+
+echo "== 3. a corrupted image: refused while staging, the node stays up"
+boot_before=$(vm_run_task boot-bad "cat /proc/sys/kernel/random/boot_id")
+op=$(reimage bad requeue)
+result=$(wait_op "$op")
+echo "operation: $(jq -c '{status, phase, error}' <<<"$result")"
+[ "$(jq -r .status <<<"$result")" = Failed ] || fail "the corrupted image did not fail: $result"
+case "$(jq -r .error.code <<<"$result")" in
+    ImageChecksumMismatch | ImageCorrupt) ;;
+    *) fail "unexpected error code: $result" ;;
+esac
+[ "$(marker bad)" = "old image" ] || fail "the guest left the old image"
+[ "$(vm_run_task boot-bad-after "cat /proc/sys/kernel/random/boot_id")" = "$boot_before" ] ||
+    fail "the node rebooted for a corrupted image"
+[ "$(vm_api GET /v1/node | jq -r .state)" = idle ] || fail "the node is not idle after the refused image"
+saved_ok bad
+phase_done "corrupted image refused"
+
+vm_stop "$vm_pid"
+vm_pid=""
+
+echo "== timings"
+printf '%s\n' "${timings[@]}"
+echo "vm reimage: passed"
