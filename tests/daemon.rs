@@ -24,10 +24,15 @@ struct Node {
 /// An agent with a 64 MiB disk (local-storage at its end) and a 16 MiB image
 /// served from 127.0.0.1.
 fn node() -> Node {
+    node_with(64, os_image(16, 1, 42))
+}
+
+/// An agent with a `disk_mib` MiB disk (16 MiB local-storage at its end)
+/// and the image `raw` served from 127.0.0.1.
+fn node_with(disk_mib: u64, raw: Vec<u8>) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.img");
-    let storage_sha = target_disk(&disk, 64, 16, 41);
-    let raw = os_image(16, 1, 42);
+    let storage_sha = target_disk(&disk, disk_mib, 16, 41);
     let server = FaultServer::start(
         vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
         Fault::None,
@@ -411,6 +416,73 @@ fn an_operation_cut_off_mid_write_is_failed_with_a_reason_after_restart() {
     node.assert_storage_intact();
     assert_eq!(node.daemon.get("/v1/node")["state"], "unusable");
     node.server.set_fault(Fault::None);
+    let again = node.reimage("requeue");
+    assert_eq!(node.daemon.wait_operation(&again)["status"], "Succeeded");
+    node.assert_new_image();
+}
+
+#[test]
+fn kill_9_while_waiting_for_tasks_resumes_the_wait_and_runs_no_task_twice() {
+    let mut node = node();
+    node.add_task("long", "echo run >> ../runs.txt; sleep 1000", None);
+    node.wait_task("long", "running");
+    let op = node.reimage("taskcompletion");
+    node.daemon
+        .wait_for("the wait", &format!("/v1/operations/{op}"), |o| {
+            o["phase"] == "waitingForTasks"
+        });
+    node.daemon.kill9_and_restart();
+    // The task was stopped with the agent and is held for the operation:
+    // the resumed wait ends, the image is written, then the task runs again.
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    node.assert_new_image();
+    let task = node
+        .daemon
+        .wait_for("the task to run again", "/v1/tasks/long", |t| {
+            t["state"] == "running" && t["executionInfo"]["requeueCount"] == 1
+        });
+    assert_eq!(task["id"], "long");
+    let runs = node
+        .daemon
+        .wait_for("the second run's line", "/v1/node", |_| {
+            std::fs::read_to_string(node._dir.path().join("tasks/tasks/long/runs.txt"))
+                .is_ok_and(|t| t.lines().count() == 2)
+        });
+    assert_eq!(runs["runningTasksCount"], 1, "one copy of the task runs");
+}
+
+#[test]
+fn kill_9_during_the_read_back_fails_the_operation_and_keeps_local_storage() {
+    // 384 MiB (mostly zeros) to read back: the 50 ms poll below lands
+    // inside the read-back.
+    let mut node = node_with(512, os_image(384, 15, 43));
+    let op = node.reimage("requeue");
+    node.daemon
+        .wait_for("the read-back", &format!("/v1/operations/{op}"), |o| {
+            o["phase"] == "verifying" || o["status"] != "InProgress"
+        });
+    node.daemon.kill9_and_restart();
+    let done = node.daemon.wait_operation(&op);
+    if done["status"] == "Succeeded" {
+        // The read-back and commit beat the kill: the disk must then hold
+        // the whole verified image.
+        eprintln!("the write finished before the kill landed");
+        node.assert_new_image();
+        return;
+    }
+    assert_eq!(done["error"]["code"], "AgentRestarted", "{done}");
+    let labels: Vec<String> = partition_labels(&node.disk)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(
+        labels,
+        vec!["local-storage"],
+        "no table points at an unverified image"
+    );
+    node.assert_storage_intact();
+    assert_eq!(node.daemon.get("/v1/node")["state"], "unusable");
     let again = node.reimage("requeue");
     assert_eq!(node.daemon.wait_operation(&again)["status"], "Succeeded");
     node.assert_new_image();

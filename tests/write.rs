@@ -675,12 +675,7 @@ fn state_after_kill(target: &Path, before_sha: &str, image: &[u8]) -> AfterKill 
 
 /// Starts `write` with its progress on fd 3 into `progress`, and kills it
 /// with SIGKILL as soon as `when` holds for a progress line.
-fn kill_write_when(
-    lab: &Lab,
-    image: &Path,
-    sha: &str,
-    when: impl Fn(&serde_json::Value) -> bool,
-) {
+fn kill_write_when(lab: &Lab, image: &Path, sha: &str, when: impl Fn(&serde_json::Value) -> bool) {
     let progress = lab.dir.path().join("progress.jsonl");
     fs::write(&progress, b"").expect("progress file");
     let mut child = std::process::Command::new("bash")

@@ -1006,4 +1006,135 @@ mod tests {
         );
         assert_eq!(agent.node().state, NodeState::Unusable);
     }
+
+    /// An in-place reimage that was rebooting in an earlier boot, with its
+    /// plan (expecting `expected`) and, if given, the handoff's outcome.
+    fn handoff_rebooted(
+        dir: &std::path::Path,
+        expected: &str,
+        outcome: Option<Outcome>,
+    ) -> OperationRecord {
+        let mut record = rebooting("a-boot-before-this-one");
+        record.handoff = true;
+        let id = record.operation.id.clone();
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(state_dir.join("handoff")).expect("handoff dir");
+        let plan = HandoffPlan {
+            version: crate::handoff::PLAN_VERSION,
+            operation_id: id.clone(),
+            staged: crate::handoff::StagedAt::StateDir {
+                path: "staging/op.img".into(),
+            },
+            staged_sha256: "cd".repeat(32),
+            format: reimage_protocol::ImageFormat::Zstd,
+            image_size: 1 << 20,
+            image_sha256: expected.to_string(),
+            target: dir.join("disk.img"),
+            save_partlabel: vec!["local-storage".into()],
+            save_partindex: Vec::new(),
+            state: crate::handoff::StateFilesystem {
+                device: "/dev/vda2".into(),
+                dev: "254:2".into(),
+                fstype: "ext4".into(),
+                state_dir_in_fs: "/".into(),
+                on_target: true,
+            },
+        };
+        plan.save(&outcome::plan_path(&state_dir, &id))
+            .expect("plan");
+        std::fs::create_dir_all(state_dir.join("staging")).expect("staging");
+        std::fs::write(state_dir.join("staging/op.img"), b"staged").expect("staged image");
+        if let Some(outcome) = outcome {
+            OutcomeRecord {
+                operation_id: id,
+                finished_at: Timestamp::now(),
+                elapsed_seconds: 3.0,
+                outcome,
+            }
+            .save(&state_dir)
+            .expect("outcome");
+        }
+        record
+    }
+
+    async fn after_handoff(outcome: Option<Outcome>) -> (tempfile::TempDir, Arc<Agent>, Operation) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expected = "ab".repeat(32);
+        let record = handoff_rebooted(dir.path(), &expected, outcome);
+        let agent = agent_after_restart(dir.path(), &record).await;
+        let op = agent.operation(&record.operation.id).expect("operation");
+        (dir, agent, op)
+    }
+
+    #[tokio::test]
+    async fn a_handoff_that_wrote_the_expected_image_confirms_the_operation() {
+        let written = Outcome::Written {
+            sha256: "ab".repeat(32),
+            size: 1 << 20,
+        };
+        let (dir, agent, op) = after_handoff(Some(written)).await;
+        assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
+        assert_eq!(agent.node().state, NodeState::Idle);
+        let state_dir = dir.path().join("state");
+        assert!(
+            !state_dir.join("staging").exists(),
+            "the staged image is removed"
+        );
+        assert!(!outcome::outcome_path(&state_dir, &op.id).exists());
+    }
+
+    #[tokio::test]
+    async fn a_handoff_that_wrote_another_image_fails_the_operation() {
+        let other = Outcome::Written {
+            sha256: "ef".repeat(32),
+            size: 1 << 20,
+        };
+        let (_dir, _agent, op) = after_handoff(Some(other)).await;
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(
+            op.error.map(|e| e.code).as_deref(),
+            Some("HandoffImageMismatch")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_handoff_fails_the_operation_and_the_node_stays_usable() {
+        let refused = Outcome::Refused {
+            code: "ImageChecksumMismatch".into(),
+            message: "the staged image changed".into(),
+        };
+        let (_dir, agent, op) = after_handoff(Some(refused)).await;
+        assert_eq!(op.status, OperationStatus::Failed);
+        let error = op.error.expect("error");
+        assert_eq!(error.code, "HandoffRefused");
+        assert!(
+            error.message.contains("ImageChecksumMismatch"),
+            "{}",
+            error.message
+        );
+        assert_eq!(
+            agent.node().state,
+            NodeState::Idle,
+            "on its old image, usable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reboot_without_a_handoff_outcome_is_handoff_not_run() {
+        let (_dir, agent, op) = after_handoff(None).await;
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(op.error.map(|e| e.code).as_deref(), Some("HandoffNotRun"));
+        assert_eq!(agent.node().state, NodeState::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_failed_handoff_write_makes_the_node_unusable() {
+        let failed = Outcome::WriteFailed {
+            code: "DiskWriteFailed".into(),
+            message: "EIO".into(),
+        };
+        let (_dir, agent, op) = after_handoff(Some(failed)).await;
+        assert_eq!(op.error.map(|e| e.code).as_deref(), Some("DiskWriteFailed"));
+        assert_eq!(agent.node().state, NodeState::Unusable);
+    }
 }
