@@ -601,3 +601,74 @@ fn service_management_refusals_are_xml_errors() {
         "no refused request started an operation"
     );
 }
+
+#[test]
+fn every_service_management_route_refuses_missing_wrong_and_lesser_tokens_in_xml() {
+    use reimage_e2e::daemon::OPERATOR;
+    let node = node();
+    let reimage = |path: &str| (Method::POST, format!("/{SUBSCRIPTION}{path}?comp=reimage"));
+    let routes = [
+        (reimage(ROLE_INSTANCE), "admin"),
+        (
+            reimage(
+                "/services/hostedservices/fleet/deploymentslots/production/roleinstances/node-1",
+            ),
+            "admin",
+        ),
+        (
+            (Method::GET, format!("/{SUBSCRIPTION}/operations/whatever")),
+            "reader",
+        ),
+    ];
+    let rank = |role: &str| {
+        ["reader", "operator", "admin"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    for ((method, path), needed) in &routes {
+        for (token, role) in [
+            (None, None),
+            (Some("not-a-token"), None),
+            (Some(READER), Some("reader")),
+            (Some(OPERATOR), Some("operator")),
+        ] {
+            let answer = node.send(
+                method.clone(),
+                path,
+                token,
+                &[("x-ms-version", MS_VERSION)],
+                "",
+            );
+            let expected = match role {
+                None => Some((401, "AuthenticationFailed")),
+                Some(role) if rank(role) < rank(needed) => Some((403, "InsufficientPermissions")),
+                Some(_) => None,
+            };
+            let Some((status, code)) = expected else {
+                // Enough rights: past authentication (here an unknown operation).
+                assert_ne!(answer.status, 401, "{method} {path} with {token:?}");
+                assert_ne!(answer.status, 403, "{method} {path} with {token:?}");
+                continue;
+            };
+            assert_eq!(
+                answer.status, status,
+                "{method} {path} with {token:?}: {}",
+                answer.body
+            );
+            assert_eq!(xml_error(&answer).0, code, "{method} {path} with {token:?}");
+            assert!(
+                answer.header("x-ms-request-id").is_some(),
+                "refusals carry a request id too: {method} {path}"
+            );
+        }
+    }
+    assert_eq!(
+        node.daemon.get("/v1/operations")["value"],
+        json!([]),
+        "no refused request started an operation"
+    );
+    assert!(
+        !node.daemon.log_text().contains("not-a-token"),
+        "a presented token never reaches the log"
+    );
+}
