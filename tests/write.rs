@@ -748,3 +748,112 @@ fn kill_9_at_each_phase_leaves_the_old_disk_the_saved_only_table_or_the_verified
         lab.assert_storage_intact();
     }
 }
+
+/// A tmpfs of `size_mib` MiB mounted on a temporary directory, unmounted on
+/// drop; `None` (after saying why) where mounting is not possible.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size_mib: u64, test: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("skipping {test}: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(SmallFs { dir })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_filesystem_under_a_file_target_fails_the_write_and_keeps_local_storage() {
+    use std::io::{Seek, SeekFrom, Write};
+    let test = "a_full_filesystem_under_a_file_target_fails_the_write_and_keeps_local_storage";
+    let Some(fs_) = SmallFs::mount(40, test) else {
+        return;
+    };
+    // A sparse 64 MiB target: only its tables and the 16 MiB of
+    // local-storage take room, so the tmpfs fills up when the image does.
+    let mut disk = vec![0u8; (DISK_MIB * MIB) as usize];
+    let storage = (47 * MIB) as usize..(63 * MIB) as usize;
+    fastrand::Rng::with_seed(31).fill(&mut disk[storage.clone()]);
+    reimage_e2e::images::write_table(
+        &mut disk,
+        &[
+            reimage_e2e::images::Part {
+                index: 1,
+                label: "old-root",
+                first_mib: 1,
+                last_mib_excl: 47,
+                guid: 0xa1,
+            },
+            reimage_e2e::images::Part {
+                index: 2,
+                label: "local-storage",
+                first_mib: 47,
+                last_mib_excl: 63,
+                guid: 0xa2,
+            },
+        ],
+    );
+    let target = fs_.dir.path().join("disk.img");
+    let mut file = fs::File::create(&target).expect("target");
+    file.set_len(disk.len() as u64).expect("size");
+    let tail = disk.len() - 34 * 512;
+    for range in [0..34 * 512, storage.clone(), tail..disk.len()] {
+        file.seek(SeekFrom::Start(range.start as u64))
+            .expect("seek");
+        file.write_all(&disk[range]).expect("write");
+    }
+    drop(file);
+    let storage_sha = sha256(&disk[storage]);
+    // Leave about 6 MiB free.
+    let filler = fs_.dir.path().join("filler");
+    fs::write(&filler, vec![1u8; 18 * MIB as usize]).expect("filler");
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let raw = os_image(24, 0, 32);
+    let image = scratch.path().join("os.img.zst");
+    fs::write(&image, zstd(&raw)).expect("image");
+    let output = write(
+        &image,
+        &target,
+        "local-storage",
+        &["--sha256", &sha256(&raw)],
+    );
+    let text = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "a full filesystem cannot hold the image"
+    );
+    assert!(text.contains("DiskWriteFailed"), "{text}");
+    assert!(text.contains("No space left"), "{text}");
+    let labels: Vec<String> = partition_labels(&target)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(
+        labels,
+        vec!["local-storage"],
+        "the saved-only table is left"
+    );
+    assert_eq!(
+        partition_sha256(&target, "local-storage").map(|(s, _)| s),
+        Some(storage_sha),
+        "local-storage bytes unchanged"
+    );
+}
