@@ -259,12 +259,21 @@ fn install_refuses_a_bad_plan_and_installs_nothing() {
     let plan = dir.path().join("plan.json");
     fs::write(&plan, r#"{"version": 1}"#).expect("plan");
     let root = dir.path().join("root");
+    let report = dir.path().join("helper-error.txt");
     let output = run(agent(&["handoff", "install", "--plan"])
         .arg(&plan)
         .arg("--root")
-        .arg(&root));
+        .arg(&root)
+        .arg("--report")
+        .arg(&report));
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(text.contains("not valid"), "{text}");
     assert!(!root.join("shutdown").exists(), "nothing installed");
+    // What the daemon reads back when systemd-run says only "failed".
+    let reported = fs::read_to_string(&report).expect("the error is reported");
+    assert!(
+        reported.contains("InvalidArgument") && reported.contains("not valid"),
+        "{reported}"
+    );
 }

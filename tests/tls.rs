@@ -322,3 +322,94 @@ fn bad_pem_files_stop_the_agent_with_an_error_naming_them() {
         "{message}"
     );
 }
+
+/// An HTTPS image server on 127.0.0.1 presenting `leaf` (its chain), serving
+/// `body` to anyone who completes the handshake. Returns its base URL.
+fn image_server(leaf: &Leaf, body: Vec<u8>) -> String {
+    let certs = CertificateDer::pem_slice_iter(leaf.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("server key PEM");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server identity");
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = Arc::clone(&config);
+            let body = body.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let Ok(connection) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(connection, stream);
+                let mut request = [0u8; 4096];
+                if tls.read(&mut request).is_err() {
+                    return;
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.write_all(&body);
+                let _ = tls.flush();
+            });
+        }
+    });
+    format!("https://127.0.0.1:{port}")
+}
+
+#[test]
+fn an_image_server_with_a_certificate_nobody_trusts_is_refused_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("disk.img");
+    let storage_sha = reimage_e2e::images::target_disk(&target, 64, 16, 5);
+    let disk_sha = reimage_e2e::images::sha256(&fs::read(&target).expect("disk"));
+    let raw = reimage_e2e::images::os_image(16, 1, 6);
+    let sha = reimage_e2e::images::sha256(&raw);
+    // A CA of this test only: in no trust store of the machine.
+    let stranger = Ca::new("nobody's CA");
+    let untrusted = stranger.issue(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let url = format!("{}/os.img", image_server(&untrusted, raw));
+
+    let started = Instant::now();
+    let mut child = agent(&["write", "--image", &url, "--sha256", &sha, "--target"])
+        .arg(&target)
+        .args(["--save-partlabel", "local-storage"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("write starts");
+    // Retrying a certificate that cannot become valid would only delay the
+    // error: the default retries take about a minute.
+    let deadline = started + Duration::from_secs(30);
+    while child.try_wait().expect("child").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("write kept retrying an untrusted certificate");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    let text = stderr(&output);
+    assert!(!output.status.success());
+    assert!(text.contains("DownloadFailed"), "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    assert_eq!(
+        reimage_e2e::images::sha256(&fs::read(&target).expect("disk")),
+        disk_sha,
+        "nothing written"
+    );
+    assert_eq!(
+        reimage_e2e::images::partition_sha256(&target, "local-storage").map(|(s, _)| s),
+        Some(storage_sha)
+    );
+}

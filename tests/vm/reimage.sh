@@ -111,7 +111,7 @@ reimage() {
 wait_op() {
     ctl --output json op wait "$1" --timeout 900 >"$run/op.json" 2>"$run/op.err" || true
     [ -s "$run/op.json" ] || fail "reimagectl op wait $1: $(cat "$run/op.err")"
-    cat "$run/op.json"
+    jq -c . "$run/op.json"
 }
 
 marker() { vm_run_task "marker-$1" "cat /etc/reimage-marker"; }

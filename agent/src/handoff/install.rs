@@ -38,9 +38,17 @@ pub fn systemd_is_init() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
-/// Runs `reimage-agent <args>` as a transient systemd service (outside the
-/// agent's sandbox) and waits for it; its stderr becomes the error.
-pub fn run_privileged(args: &[OsString]) -> Result<()> {
+/// The file a privileged step writes its error to, under `state_dir`:
+/// systemd-run reports only that the unit failed, not why.
+pub const REPORT_FILE: &str = "handoff/helper-error.txt";
+
+/// Runs `reimage-agent handoff <args> --report FILE` as a transient
+/// systemd service (outside the agent's sandbox) and waits for it. Without
+/// `--wait`/`--pipe`, systemd-run needs only systemd's private socket, not
+/// a D-Bus daemon (minimal systems have none): for a oneshot unit it waits
+/// for the start job, which ends when the command does. The command's
+/// error comes back through `state_dir`'s [`REPORT_FILE`].
+pub fn run_privileged(args: &[OsString], state_dir: &Path) -> Result<()> {
     if !systemd_is_init() {
         return Err(Error::HandoffUnavailable(
             "systemd is not running this system, and only systemd runs a shutdown handoff".into(),
@@ -48,18 +56,24 @@ pub fn run_privileged(args: &[OsString]) -> Result<()> {
     }
     let exe =
         std::env::current_exe().map_err(|e| Error::io("finding the agent's own binary", e))?;
+    let report = state_dir.join(REPORT_FILE);
+    if let Some(dir) = report.parent() {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    let _ = fs::remove_file(&report);
     let output = Command::new("systemd-run")
         .args([
             "--quiet",
-            "--wait",
-            "--pipe",
             "--collect",
             "--service-type=oneshot",
             "--description=reimage-agent: prepare the shutdown handoff",
         ])
         .arg("--")
         .arg(&exe)
+        .arg("handoff")
         .args(args)
+        .arg("--report")
+        .arg(&report)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::io("running systemd-run", e))?;
@@ -70,12 +84,13 @@ pub fn run_privileged(args: &[OsString]) -> Result<()> {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    let why = fs::read_to_string(&report)
+        .map(|text| text.trim().to_string())
+        .unwrap_or_else(|_| String::from_utf8_lossy(&output.stderr).trim().to_string());
     Err(Error::HandoffUnavailable(format!(
-        "`{} {}` under systemd-run failed ({}): {}",
-        exe.display(),
+        "`reimage-agent handoff {}` under systemd-run failed ({}): {why}",
         shown.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
+        output.status
     )))
 }
 

@@ -75,11 +75,8 @@ pub fn stage(
     let area = stage::choose_area(request.staging, needed, Room::measure(&request.state_dir)?)?;
     let dir = match area {
         StagingArea::Memory => {
-            run_privileged(&handoff_args(&[
-                "reserve",
-                "--bytes",
-                &needed.unwrap_or(0).to_string(),
-            ]))?;
+            let bytes = needed.unwrap_or(0).to_string();
+            run_privileged(&args(&["reserve", "--bytes", &bytes]), &request.state_dir)?;
             PathBuf::from(MEMORY_STAGING_DIR)
         }
         StagingArea::StateDir => request.state_dir.join(STATE_STAGING_DIR),
@@ -128,24 +125,21 @@ pub fn stage(
 
 /// Installs the shutdown handoff for the plan at `plan_path`: from now on
 /// the next reboot writes the image.
-pub fn install(plan_path: &Path) -> Result<()> {
-    let mut install = handoff_args(&["install", "--plan"]);
+pub fn install(plan_path: &Path, state_dir: &Path) -> Result<()> {
+    let mut install = args(&["install", "--plan"]);
     install.push(plan_path.as_os_str().to_owned());
-    run_privileged(&install)?;
+    run_privileged(&install, state_dir)?;
     tracing::info!(plan = %plan_path.display(), "the shutdown handoff is installed");
     Ok(())
 }
 
 /// Removes a handoff installed for an operation that will not reboot.
-pub fn cancel_installed() -> Result<()> {
-    run_privileged(&handoff_args(&["cancel"]))
+pub fn cancel_installed(state_dir: &Path) -> Result<()> {
+    run_privileged(&args(&["cancel"]), state_dir)
 }
 
-fn handoff_args(args: &[&str]) -> Vec<OsString> {
-    std::iter::once("handoff")
-        .chain(args.iter().copied())
-        .map(OsString::from)
-        .collect()
+fn args(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
 }
 
 /// The filesystem of `state_dir`, which must survive the write: on another

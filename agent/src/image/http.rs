@@ -345,6 +345,15 @@ impl HttpSource {
             Ok(Err(error)) if error.is_redirect() => Err(Failure::Fatal(
                 Error::ImageUrlNotAllowed(format!("{}: {}", self.shown, chain(&error))),
             )),
+            // A certificate that does not verify will not verify on the
+            // next try either: say so now instead of after every retry.
+            Ok(Err(error)) if let Some(problem) = certificate_problem(&error) => {
+                Err(Failure::Fatal(Error::DownloadFailed(format!(
+                    "{}: the server's TLS certificate is not acceptable ({problem}); not retried: {}",
+                    self.shown,
+                    chain(&error)
+                ))))
+            }
             Ok(Err(error)) => Err(Failure::Retry {
                 reason: chain(&error),
                 truncated: false,
@@ -664,6 +673,31 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The rustls certificate error somewhere in `error`'s causes, described.
+/// `io::Error` hides the error it wraps from `source()`, so each one is
+/// opened with `get_ref()`.
+fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        match error.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(why)) => return Some(format!("{why:?}")),
+            Some(rustls::Error::NoCertificatesPresented) => {
+                return Some("the server presented no certificate".into());
+            }
+            _ => {}
+        }
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && let Some(found) = certificate_problem(inner)
+        {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
 }
 
 /// reqwest is built without a default TLS crypto provider; rustls needs one

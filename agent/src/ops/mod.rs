@@ -120,7 +120,7 @@ impl Agent {
                         self.tasks.set_hold(true);
                         self.confirm_handoff(&id)?;
                     } else {
-                        cancel_handoff(&id);
+                        cancel_handoff(&id, &self.config.agent.state_dir);
                         self.fail(
                             &id,
                             "RebootNotObserved",
@@ -146,7 +146,7 @@ impl Agent {
                 }
                 Some(Phase::Staging) => {
                     if record.handoff {
-                        cancel_handoff(&id);
+                        cancel_handoff(&id, &self.config.agent.state_dir);
                     }
                     self.remove_handoff_files(&id);
                     self.fail(
@@ -643,8 +643,8 @@ impl Agent {
         // Noted before the install: an agent that restarts from here on
         // knows a handoff may be in place and removes it.
         self.update_record(id, |record| record.handoff = true)?;
-        if let Err(err) = prepare::install(&prepared.plan_path) {
-            cancel_handoff(id);
+        if let Err(err) = prepare::install(&prepared.plan_path, &self.config.agent.state_dir) {
+            cancel_handoff(id, &self.config.agent.state_dir);
             return Err(err);
         }
         Ok(prepared.staged.sha256)
@@ -763,7 +763,7 @@ impl Agent {
         let handoff = self.lock().operations.get(id).is_some_and(|r| r.handoff);
         if rebooted.is_err() && handoff {
             // No reboot now must not mean a surprise write at a later one.
-            cancel_handoff(id);
+            cancel_handoff(id, &self.config.agent.state_dir);
         }
         rebooted
     }
@@ -912,8 +912,8 @@ impl ImageChoice {
 
 /// Removes the shutdown handoff of operation `id`, if installed; logged,
 /// not fatal: the operation ends either way.
-fn cancel_handoff(id: &str) {
-    match prepare::cancel_installed() {
+fn cancel_handoff(id: &str, state_dir: &std::path::Path) {
+    match prepare::cancel_installed(state_dir) {
         Ok(()) => tracing::info!(operation = %id, "removed the shutdown handoff"),
         Err(err) => {
             tracing::error!(operation = %id, %err, "could not remove the shutdown handoff: the next reboot may still write the staged image")

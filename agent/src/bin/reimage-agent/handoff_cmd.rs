@@ -3,9 +3,19 @@
 //! an operator may run `cancel` to make sure the next reboot writes nothing.
 
 use anyhow::Context;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use reimage_agent::handoff::{HANDOFF_ROOT, install};
 use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct HandoffArgs {
+    #[command(subcommand)]
+    command: HandoffCommand,
+    /// On failure, also write the error line to this file (systemd-run
+    /// tells the daemon only that the unit failed).
+    #[arg(long, value_name = "FILE", global = true)]
+    report: Option<PathBuf>,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum HandoffCommand {
@@ -33,7 +43,17 @@ pub enum HandoffCommand {
     },
 }
 
-pub fn run(command: HandoffCommand) -> anyhow::Result<()> {
+pub fn run(args: HandoffArgs) -> anyhow::Result<()> {
+    let result = run_command(args.command);
+    if let (Err(err), Some(report)) = (&result, &args.report) {
+        let line = crate::display::error_line(err);
+        std::fs::write(report, format!("{line}\n"))
+            .with_context(|| format!("writing the error to {}", report.display()))?;
+    }
+    result
+}
+
+fn run_command(command: HandoffCommand) -> anyhow::Result<()> {
     match command {
         HandoffCommand::Reserve { bytes } => {
             install::reserve_run(bytes).context("preparing /run for the handoff")

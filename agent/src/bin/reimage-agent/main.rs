@@ -39,8 +39,7 @@ enum Command {
     CheckConfig(config_cmd::CheckConfigArgs),
     /// The privileged steps of an in-place reimage (run by the daemon
     /// through systemd-run).
-    #[command(subcommand)]
-    Handoff(handoff_cmd::HandoffCommand),
+    Handoff(handoff_cmd::HandoffArgs),
 }
 
 fn main() -> ExitCode {
