@@ -209,6 +209,8 @@ pub struct TasksSection {
     pub default_retention: Duration,
     /// Time between SIGTERM and SIGKILL when stopping a task; `PT30S` by default.
     pub kill_grace: Duration,
+    /// Tasks running at once (the node's task slots); one per CPU when unset.
+    pub max_running: Option<std::num::NonZeroUsize>,
 }
 
 /// `[reboot]`: how the node boots into a new image.
@@ -245,6 +247,8 @@ struct TasksFile {
     default_retention: Duration,
     #[serde(default = "default_kill_grace", deserialize_with = "iso8601_duration")]
     kill_grace: Duration,
+    #[serde(default)]
+    max_running: Option<std::num::NonZeroUsize>,
 }
 
 impl Default for TasksFile {
@@ -253,6 +257,7 @@ impl Default for TasksFile {
             work_dir: None,
             default_retention: default_retention(),
             kill_grace: default_kill_grace(),
+            max_running: None,
         }
     }
 }
@@ -308,6 +313,7 @@ impl Config {
                 work_dir,
                 default_retention: file.tasks.default_retention,
                 kill_grace: file.tasks.kill_grace,
+                max_running: file.tasks.max_running,
             },
             reboot: file.reboot,
         };
@@ -501,6 +507,7 @@ pub fn sandbox(dir: &Path) -> Result<Config> {
             work_dir: dir.join("tasks"),
             default_retention: default_retention(),
             kill_grace: default_kill_grace(),
+            max_running: None,
         },
         reboot: RebootConfig {
             method: RebootMethod::None,
@@ -934,6 +941,20 @@ mod tests {
         assert!(
             message.contains("image.sha256") && message.contains("non-hex"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn task_slots_are_a_positive_number() {
+        let message = error_of(&minimal("[tasks]\nmax_running = 0\n"));
+        assert!(message.contains("tasks.max_running"), "{message}");
+        let config = Config::parse(&minimal("[tasks]\nmax_running = 100\n"), "t").expect("valid");
+        assert_eq!(config.tasks.max_running.map(|n| n.get()), Some(100));
+        let text = minimal("").replace("[reboot]", "staging = \"tape\"\n[reboot]");
+        let staging = error_of(&text);
+        assert!(
+            staging.contains("disk.staging") && staging.contains("state_dir"),
+            "names the key and the choices: {staging}"
         );
     }
 

@@ -42,13 +42,15 @@ impl Daemon {
         // Bad certificate files stop the agent before it touches its state.
         let tls = tls::server_config(&config.api)?;
         let store = Arc::new(Store::open(&config.agent.state_dir)?);
-        let tasks = TaskManager::start(
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let tasks = TaskManager::start_with_limit(
             Arc::clone(&store),
             TasksConfig {
                 work_dir: config.tasks.work_dir.clone(),
                 default_retention: config.tasks.default_retention,
                 kill_grace: config.tasks.kill_grace,
             },
+            config.tasks.max_running.map_or(cpus, |n| n.get()),
         )
         .await?;
         let disk = describe_disk(&config);

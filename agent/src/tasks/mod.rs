@@ -188,7 +188,7 @@ impl TaskManager {
     }
 
     /// [`TaskManager::start`] running at most `max_running` tasks at once.
-    async fn start_with_limit(
+    pub async fn start_with_limit(
         store: Arc<Store>,
         mut config: TasksConfig,
         max_running: usize,
