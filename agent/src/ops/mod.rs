@@ -1067,6 +1067,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_killed_while_staging_fails_the_operation_and_wrote_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut record = rebooting("a-boot-before-this-one");
+        record.operation.phase = Some(Phase::Staging);
+        let staging = dir.path().join("state").join(stage::STATE_STAGING_DIR);
+        std::fs::create_dir_all(&staging).expect("staging dir");
+        std::fs::write(staging.join("op.img.partial"), b"half").expect("partial image");
+        let agent = agent_after_restart(dir.path(), &record).await;
+        let op = agent.operation(&record.operation.id).expect("operation");
+        assert_eq!(op.status, OperationStatus::Failed);
+        let error = op.error.expect("error");
+        assert_eq!(error.code, "AgentRestarted");
+        assert!(
+            error.message.contains("nothing was written"),
+            "{}",
+            error.message
+        );
+        assert_eq!(
+            agent.node().state,
+            NodeState::Idle,
+            "the disk was not touched"
+        );
+        assert!(!staging.exists(), "the half-staged image is removed");
+    }
+
+    #[tokio::test]
     async fn a_handoff_that_wrote_the_expected_image_confirms_the_operation() {
         let written = Outcome::Written {
             sha256: "ab".repeat(32),
