@@ -4,9 +4,7 @@
 
 use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{
-    os_image, partition_labels, partition_sha256, sha256, target_disk, zstd,
-};
+use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -89,10 +87,7 @@ impl Node {
     }
 
     fn assert_new_image(&self) {
-        let labels: Vec<String> = partition_labels(&self.disk)
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
+        let labels = labels(&self.disk);
         assert_eq!(labels, vec!["efi", "root", "local-storage"]);
         self.assert_storage_intact();
     }
@@ -233,10 +228,7 @@ fn a_bad_image_fails_the_operation_and_keeps_local_storage() {
     assert_eq!(done["status"], "Failed");
     assert_eq!(done["error"]["code"], "ImageChecksumMismatch", "{done}");
     node.assert_storage_intact();
-    let labels: Vec<String> = partition_labels(&node.disk)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(&node.disk);
     assert_eq!(labels, vec!["local-storage"]);
     assert_eq!(node.daemon.get("/v1/node")["state"], "unusable");
     // An unusable node can be reimaged to recover.
@@ -472,10 +464,7 @@ fn kill_9_during_the_read_back_fails_the_operation_and_keeps_local_storage() {
         return;
     }
     assert_eq!(done["error"]["code"], "AgentRestarted", "{done}");
-    let labels: Vec<String> = partition_labels(&node.disk)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(&node.disk);
     assert_eq!(
         labels,
         vec!["local-storage"],

@@ -7,9 +7,7 @@
 //! boot's agent reads.
 
 use reimage_e2e::bin::{agent, run, stderr};
-use reimage_e2e::images::{
-    MIB, os_image, partition_labels, partition_sha256, sha256, target_disk, zstd,
-};
+use reimage_e2e::images::{MIB, labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use serde_json::{Value, json};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -195,10 +193,7 @@ fn an_installed_handoff_writes_the_image_staged_on_the_state_filesystem() {
         disk[MIB as usize..image.len()] == image[MIB as usize..],
         "the image past its first MiB is on the disk"
     );
-    let labels: Vec<String> = partition_labels(&rehearsal.disk())
-        .into_iter()
-        .map(|(_, label)| label)
-        .collect();
+    let labels = labels(&rehearsal.disk());
     assert_eq!(labels, ["efi", "root", "local-storage"]);
     assert!(rehearsal.storage_unchanged(), "local-storage kept");
 }

@@ -5,7 +5,7 @@
 use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{
-    MIB, os_image, partition_labels, partition_sha256, read_range, sha256, target_disk, zstd,
+    MIB, labels, os_image, partition_sha256, read_range, sha256, target_disk, zstd,
 };
 use std::path::PathBuf;
 use std::process::Output;
@@ -74,10 +74,7 @@ impl Case {
             "one error line"
         );
         self.assert_storage_intact();
-        let labels: Vec<String> = partition_labels(&self.target)
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
+        let labels = labels(&self.target);
         assert!(
             !labels.contains(&"root".to_string()),
             "no table points at the image: {labels:?}"

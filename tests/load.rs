@@ -10,9 +10,7 @@
 use reimage_e2e::bin::binary;
 use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{
-    os_image, partition_labels, partition_sha256, sha256, target_disk, zstd,
-};
+use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
@@ -80,10 +78,7 @@ fn the_api_answers_1000_requests_a_second_while_reimages_run() {
     assert_eq!(field("requests"), 1000 * seconds, "every request was sent");
     assert_eq!(field("errors"), 0, "every request answered 200");
     assert!(reimages >= 1);
-    let labels: Vec<String> = partition_labels(&disk)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(&disk);
     assert_eq!(labels, ["efi", "root", "local-storage"]);
     assert_eq!(
         partition_sha256(&disk, "local-storage").map(|(s, _)| s),

@@ -5,9 +5,7 @@
 
 use reimage_e2e::daemon::{ADMIN, Daemon, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{
-    os_image, partition_labels, partition_sha256, sha256, target_disk, zstd,
-};
+use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -191,10 +189,7 @@ impl Node {
     }
 
     fn assert_reimaged_with_storage_intact(&self) {
-        let labels: Vec<String> = partition_labels(&self.disk)
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
+        let labels = labels(&self.disk);
         assert_eq!(labels, vec!["efi", "root", "local-storage"]);
         let (sha, _) =
             partition_sha256(&self.disk, "local-storage").expect("local-storage in the table");

@@ -3,7 +3,8 @@
 
 use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::images::{
-    MIB, os_image, partition_labels, partition_sha256, read_range, sha256, target_disk, zstd,
+    MIB, labels, os_image, partition_labels, partition_sha256, read_range, sha256, target_disk,
+    zstd,
 };
 use reimage_e2e::loopdev::LoopDevice;
 use std::fs;
@@ -93,10 +94,7 @@ impl Lab {
 
     /// After a failure the table holds the saved partition and nothing else.
     fn assert_reset_to_saved_only(&self) {
-        let labels: Vec<String> = partition_labels(&self.target)
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
+        let labels = labels(&self.target);
         assert_eq!(labels, vec!["local-storage".to_string()]);
         self.assert_storage_intact();
     }
@@ -625,10 +623,7 @@ fn kill_9_in_the_middle_of_a_write_leaves_only_the_saved_partitions() {
     }
     child.kill().expect("kill -9");
     child.wait().expect("reaped");
-    let labels: Vec<String> = partition_labels(&lab.target)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(&lab.target);
     assert_eq!(
         labels,
         vec!["local-storage".to_string()],
@@ -650,10 +645,7 @@ enum AfterKill {
 }
 
 fn state_after_kill(target: &Path, before_sha: &str, image: &[u8]) -> AfterKill {
-    let labels: Vec<String> = partition_labels(target)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(target);
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     match labels.as_slice() {
         ["old-root", "local-storage"] => {
@@ -720,7 +712,8 @@ fn kill_9_at_each_phase_leaves_the_old_disk_the_saved_only_table_or_the_verified
     fs::write(&image, zstd(&raw)).expect("image");
     let sha = sha256(&raw);
     let phase = |name: &'static str| move |line: &serde_json::Value| line["phase"] == name;
-    let cases: Vec<(&str, Box<dyn Fn(&serde_json::Value) -> bool>, &[AfterKill])> = vec![
+    type KillWhen = Box<dyn Fn(&serde_json::Value) -> bool>;
+    let cases: Vec<(&str, KillWhen, &[AfterKill])> = vec![
         (
             "reading back",
             Box::new(phase("verifying")),
@@ -842,10 +835,7 @@ fn a_full_filesystem_under_a_file_target_fails_the_write_and_keeps_local_storage
     );
     assert!(text.contains("DiskWriteFailed"), "{text}");
     assert!(text.contains("No space left"), "{text}");
-    let labels: Vec<String> = partition_labels(&target)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let labels = labels(&target);
     assert_eq!(
         labels,
         vec!["local-storage"],

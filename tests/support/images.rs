@@ -148,6 +148,11 @@ pub fn partition_labels(path: &Path) -> Vec<(u32, String)> {
     }
 }
 
+/// Just the labels of [`partition_labels`], in index order.
+pub fn labels(path: &Path) -> Vec<String> {
+    partition_labels(path).into_iter().map(|(_, l)| l).collect()
+}
+
 /// Bytes `[start, end)` of the file or device at `path`.
 pub fn read_range(path: &Path, start: u64, end: u64) -> Vec<u8> {
     let mut file = fs::File::open(path).expect("open");

@@ -3,6 +3,21 @@
 #
 # Set VM_API (http://127.0.0.1:PORT) and VM_TOKEN before calling vm_api.
 
+# vm_preflight NAME REPO: exits 0 with `skipping: <reason>` unless this is
+# root and QEMU and the image tools are (or can be) installed; fails without
+# python3 (it serves files to the guest).
+vm_preflight() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "skipping: the $1 needs root (debootstrap, apt-get)"
+        exit 0
+    fi
+    if ! bash "$2/images/install-vm-tools.sh" >/dev/null; then
+        echo "skipping: cannot install QEMU and the image tools (see the error above)"
+        exit 0
+    fi
+    command -v python3 >/dev/null || { echo "error: $1: python3 is needed to serve files to the guest" >&2; exit 1; }
+}
+
 # Prints a TCP port on 127.0.0.1 that nothing listens on.
 vm_free_port() {
     local port
@@ -14,6 +29,27 @@ vm_free_port() {
     done
     echo "error: no free port found" >&2
     return 1
+}
+
+# vm_session TOKEN_FILE SERVE_DIR HTTP_LOG: picks the API port ($port) and
+# the port the guest fetches files by ($serve_port), exports VM_API and
+# VM_TOKEN, serves SERVE_DIR on 127.0.0.1:$serve_port, and sets an EXIT
+# trap that stops QEMU ($vm_pid, once the caller sets it) and the server.
+vm_session() {
+    port=$(vm_free_port)
+    serve_port=$(vm_free_port)
+    export VM_API=http://127.0.0.1:$port
+    VM_TOKEN=$(tr -d '\n' <"$1")
+    export VM_TOKEN
+    python3 -m http.server --bind 127.0.0.1 --directory "$2" "$serve_port" >"$3" 2>&1 &
+    vm_http_pid=$!
+    vm_pid=""
+    trap vm_session_end EXIT
+}
+
+vm_session_end() {
+    [ -z "${vm_pid:-}" ] || vm_stop "$vm_pid"
+    kill "$vm_http_pid" 2>/dev/null || true
 }
 
 # vm_wait_healthz SECONDS [PID]: polls $VM_API/healthz until it answers `ok`.

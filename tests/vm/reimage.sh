@@ -24,15 +24,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=tests/vm/lib.sh
 . "$repo/tests/vm/lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "skipping: the VM reimage test needs root (debootstrap, apt-get)"
-    exit 0
-fi
-if ! bash "$repo/images/install-vm-tools.sh" >/dev/null; then
-    echo "skipping: cannot install QEMU and the image tools (see the error above)"
-    exit 0
-fi
-command -v python3 >/dev/null || { echo "error: reimage: python3 is needed to serve images to the guest" >&2; exit 1; }
+vm_preflight "VM reimage test" "$repo"
 
 work=${REIMAGE_VM_WORK:-/var/cache/reimage-vm/reimage}
 run=$work/run
@@ -79,20 +71,7 @@ printf '\x5a' | dd of="$serve/bad/os.img.zst" bs=1 seek=$((size / 2)) conv=notru
 cp --sparse=always "$work/old/disk.img" "$run/disk.img"
 phase_done "build"
 
-port=$(vm_free_port)
-serve_port=$(vm_free_port)
-export VM_API=http://127.0.0.1:$port
-VM_TOKEN=$(tr -d '\n' <"$token_file")
-export VM_TOKEN
-python3 -m http.server --bind 127.0.0.1 --directory "$serve" "$serve_port" \
-    >"$run/http.log" 2>&1 &
-http_pid=$!
-vm_pid=""
-cleanup() {
-    [ -z "$vm_pid" ] || vm_stop "$vm_pid"
-    kill "$http_pid" 2>/dev/null || true
-}
-trap cleanup EXIT
+vm_session "$token_file" "$serve" "$run/http.log"
 
 # reimagectl against the guest's agent.
 ctl() { "$ctl" --agent "$VM_API" --token-file "$token_file" "$@"; }

@@ -20,15 +20,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=tests/vm/lib.sh
 . "$repo/tests/vm/lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "skipping: the VM smoke test needs root (debootstrap, apt-get)"
-    exit 0
-fi
-if ! bash "$repo/images/install-vm-tools.sh" >/dev/null; then
-    echo "skipping: cannot install QEMU and the image tools (see the error above)"
-    exit 0
-fi
-command -v python3 >/dev/null || { echo "error: smoke: python3 is needed to serve files to the guest" >&2; exit 1; }
+vm_preflight "VM smoke test" "$repo"
 
 work=${REIMAGE_VM_WORK:-/var/cache/reimage-vm/smoke}
 images=$work/image
@@ -58,21 +50,7 @@ layout=$(sgdisk -p "$run/layout.img" | awk '/^ +[0-9]+ / {printf "%s ", $NF}')
 rm -f "$run/layout.img"
 phase_done "host layout check"
 
-port=$(vm_free_port)
-serve_port=$(vm_free_port)
-export VM_API=http://127.0.0.1:$port
-VM_TOKEN=$(tr -d '\n' <"$images/admin.token")
-export VM_TOKEN
-
-python3 -m http.server --bind 127.0.0.1 --directory "$images" "$serve_port" \
-    >"$run/http.log" 2>&1 &
-http_pid=$!
-vm_pid=""
-cleanup() {
-    [ -z "$vm_pid" ] || vm_stop "$vm_pid"
-    kill "$http_pid" 2>/dev/null || true
-}
-trap cleanup EXIT
+vm_session "$images/admin.token" "$images" "$run/http.log"
 
 echo "== boot (API on $VM_API, serial console in $run/serial.log)"
 vm_pid=$(bash "$repo/tests/vm/run-vm.sh" "$run/disk.img" "$images/vmlinuz" "$images/initrd.img" \

@@ -644,14 +644,7 @@ garbage line
     fn the_handoff_may_write_beside_a_read_only_mount_of_a_partition() -> TestResult {
         let test = "the_handoff_may_write_beside_a_read_only_mount_of_a_partition";
         let dir = tempfile::tempdir()?;
-        let attached = disk_image(dir.path(), 64 << 20, true).and_then(|image| {
-            let disk = LoopDevice::attach(&image, true)?;
-            disk.add_partitions()?;
-            let second = disk.partition(2);
-            run("mkfs.ext4", &["-q", &second.to_string_lossy()])?;
-            Ok(disk)
-        });
-        let disk = match attached {
+        let disk = match loop_disk_with_ext4(dir.path(), 2) {
             Ok(disk) => disk,
             Err(reason) => {
                 skip(test, &reason);

@@ -903,6 +903,19 @@ pub(super) mod test_support {
         bytes
     }
 
+    /// A 64 MiB disk image in `dir` with partitions 1 and 2, attached with
+    /// its partitions, and an ext4 made on partition `ext4_on`.
+    pub fn loop_disk_with_ext4(dir: &Path, ext4_on: u32) -> Result<LoopDevice, String> {
+        let image = disk_image(dir, 64 << 20, true)?;
+        let disk = LoopDevice::attach(&image, true)?;
+        disk.add_partitions()?;
+        run(
+            "mkfs.ext4",
+            &["-q", &disk.partition(ext4_on).to_string_lossy()],
+        )?;
+        Ok(disk)
+    }
+
     /// A sparse file of `size` bytes in `dir`, partitioned by sgdisk into
     /// 16 MiB partitions 1 and 2 when `partitions`.
     pub fn disk_image(dir: &Path, size: u64, partitions: bool) -> Result<PathBuf, String> {

@@ -165,12 +165,8 @@ mod tests {
     fn a_directory_on_a_mounted_partition_is_found_with_its_index() -> TestResult {
         let test = "a_directory_on_a_mounted_partition_is_found_with_its_index";
         let dir = tempfile::tempdir()?;
-        let attached = disk_image(dir.path(), 64 << 20, true).and_then(|image| {
-            let disk = LoopDevice::attach(&image, true)?;
-            disk.add_partitions()?;
-            let second = disk.partition(2);
-            run("mkfs.ext4", &["-q", &second.to_string_lossy()])?;
-            let mounted = Mounted::new(&second.to_string_lossy(), None)?;
+        let attached = loop_disk_with_ext4(dir.path(), 2).and_then(|disk| {
+            let mounted = Mounted::new(&disk.partition(2).to_string_lossy(), None)?;
             Ok((disk, mounted))
         });
         let (disk, mounted) = match attached {
