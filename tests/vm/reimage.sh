@@ -64,10 +64,14 @@ for image in old new; do
 done
 cp "$work/new/os.img.zst" "$serve/bad/os.img.zst"
 cp "$work/new/os.img.zst.manifest.json" "$serve/bad/os.img.zst.manifest.json"
-# One byte in the middle of the stream: it decodes, but to another image
-# (or not at all); either way the hash check must stop it.
-size=$(stat -c %s "$serve/bad/os.img.zst")
-printf '\x5a' | dd of="$serve/bad/os.img.zst" bs=1 seek=$((size / 2)) conv=notrunc status=none
+# One byte in the middle of the stream inverted: it decodes to another image
+# or not at all; either way the checks must stop it. (Inverted, not set: a
+# byte set to a fixed value is already that value once in 256 runs.)
+middle=$(( $(stat -c %s "$serve/bad/os.img.zst") / 2 ))
+byte=$(od -An -tu1 -j "$middle" -N1 "$serve/bad/os.img.zst" | tr -d ' ')
+printf "\\x$(printf %02x $((byte ^ 0xff)))" |
+    dd of="$serve/bad/os.img.zst" bs=1 seek="$middle" conv=notrunc status=none
+! cmp -s "$serve/bad/os.img.zst" "$work/new/os.img.zst" || fail "the corrupted copy equals the image"
 cp --sparse=always "$work/old/disk.img" "$run/disk.img"
 phase_done "build"
 
