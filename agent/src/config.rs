@@ -177,6 +177,16 @@ pub struct DiskConfig {
     pub staging: crate::handoff::stage::StagingChoice,
 }
 
+impl DiskConfig {
+    /// The partitions every reimage of this disk keeps.
+    pub fn save_spec(&self) -> crate::disk::saved::SaveSpec {
+        crate::disk::saved::SaveSpec {
+            labels: self.save_partlabel.clone(),
+            indexes: self.save_partindex.clone(),
+        }
+    }
+}
+
 /// `[image]`: the default image, and which images are acceptable at all.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,9 +5,8 @@
 use crate::api::tls::{self, TlsListener};
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::disk::device::Target;
 use crate::disk::gpt::format_guid;
-use crate::disk::saved::{SaveSpec, SavedPartitions};
+use crate::disk::saved::SavedPartitions;
 use crate::ops::Agent;
 use crate::service;
 use crate::store::Store;
@@ -120,18 +119,12 @@ impl Daemon {
 fn describe_disk(config: &Config) -> DiskInfo {
     let target = config.disk.target.display().to_string();
     let read = || -> Result<DiskInfo> {
-        let device = Target::open_read_only(&config.disk.target)?;
-        let spec = SaveSpec {
-            labels: config.disk.save_partlabel.clone(),
-            indexes: config.disk.save_partindex.clone(),
-        };
-        let mut file = std::fs::File::open(&config.disk.target)
-            .map_err(|e| Error::io(format!("opening {target}"), e))?;
-        let saved = SavedPartitions::find(&mut file, device.logical_block_size(), &spec)?;
+        let (size_bytes, saved) =
+            SavedPartitions::read_from_target(&config.disk.target, &config.disk.save_spec())?;
         let sector = saved.sector_size();
         Ok(DiskInfo {
             target: target.clone(),
-            size_bytes: device.size(),
+            size_bytes,
             saved_partitions: saved
                 .iter()
                 .map(|p| SavedPartitionInfo {

@@ -225,14 +225,7 @@ impl<'t> Job<'t> {
         let source = source::open(&image.location, &request.http)?;
         let encoded_length = source.length;
         let (format, decoded) = decode::open_decoder(source.reader)?;
-        if let Some(expected) = image.format
-            && expected != format
-        {
-            return Err(Error::ImageFormatMismatch {
-                expected: expected.to_string(),
-                actual: format.to_string(),
-            });
-        }
+        check_format(image, format)?;
         // A raw stream's length is the image's size: check it up front too.
         let raw_length = encoded_length.filter(|_| format == ImageFormat::Raw);
         self.check_fits(image.size.or(raw_length))?;
@@ -446,6 +439,17 @@ impl<'t> Job<'t> {
         if let Err(err) = reset {
             tracing::error!(%err, "could not reset the partition table after the failure");
         }
+    }
+}
+
+/// The data's format must be the one the manifest named, if it named one.
+pub(crate) fn check_format(image: &ImageRequest, format: ImageFormat) -> Result<()> {
+    match image.format {
+        Some(expected) if expected != format => Err(Error::ImageFormatMismatch {
+            expected: expected.to_string(),
+            actual: format.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -1,11 +1,13 @@
 //! The partitions a reimage keeps: found on the target before anything is
 //! written, protected during the write, and carried into the new table.
 
+use crate::disk::device::Target;
 use crate::disk::gpt::{self, TableSectors};
 use crate::{Error, Result};
 use gptman::{GPT, GPTPartitionEntry};
 use std::io::{Cursor, Read, Seek};
 use std::ops::Range;
+use std::path::Path;
 
 /// Which partitions to keep: by PARTLABEL glob and by index.
 #[derive(Debug, Clone, Default)]
@@ -69,6 +71,16 @@ pub struct SavedPartitions {
 }
 
 impl SavedPartitions {
+    /// Opens the target at `path` read-only and finds what `spec` names on
+    /// it; also returns the target's size. Nothing is written.
+    pub fn read_from_target(path: &Path, spec: &SaveSpec) -> Result<(u64, Self)> {
+        let device = Target::open_read_only(path)?;
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let saved = SavedPartitions::find(&mut file, device.logical_block_size(), spec)?;
+        Ok((device.size(), saved))
+    }
+
     /// Reads the target's partition table and picks what `spec` names. Every
     /// label glob and index must match: asking to keep a partition that is
     /// not there is an error, not a silent loss.

@@ -14,7 +14,6 @@ use super::plan::{HandoffPlan, PLAN_VERSION, StagedAt, StateFilesystem};
 use super::stage::{
     self, MEMORY_STAGING_DIR, Room, STATE_STAGING_DIR, StagedImage, StagingArea, StagingChoice,
 };
-use crate::disk::device::Target;
 use crate::disk::filesystem::{block_device_number, filesystem_of};
 use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::http::HttpOptions;
@@ -157,10 +156,7 @@ fn state_filesystem(state_dir: &Path, target: &Path, save: &SaveSpec) -> Result<
             ));
         }
         (Some(part), Some(disk)) if part.disk == disk => {
-            let device = Target::open_read_only(target)?;
-            let mut file = std::fs::File::open(target)
-                .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
-            let saved = SavedPartitions::find(&mut file, device.logical_block_size(), save)?;
+            let (_, saved) = SavedPartitions::read_from_target(target, save)?;
             if !saved.iter().any(|p| p.index == part.index) {
                 return Err(state_dir_overwritten(
                     state_dir,

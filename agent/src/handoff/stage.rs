@@ -9,7 +9,6 @@
 //!   → fsync, staged file hashed as stored
 //! ```
 
-use crate::disk::device::Target;
 use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::decode;
 use crate::image::source::Source;
@@ -121,9 +120,8 @@ pub fn choose_area(choice: StagingChoice, needed: Option<u64>, room: Room) -> Re
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagedImage {
     pub path: PathBuf,
-    /// SHA-256 and length of the staged (still encoded) file.
+    /// SHA-256 of the staged (still encoded) file.
     pub staged_sha256: String,
-    pub staged_len: u64,
     pub format: ImageFormat,
     /// Size and SHA-256 of the decoded image.
     pub size: u64,
@@ -142,18 +140,17 @@ pub fn stage_image(
     save: &SaveSpec,
     meter: &mut ProgressMeter<'_>,
 ) -> Result<StagedImage> {
-    let (disk_size, saved) = read_target(target, save)?;
+    let (disk_size, saved) = SavedPartitions::read_from_target(target, save)?;
     if let Some(size) = image.size {
         pipeline::check_image_fits(&saved, disk_size, size)?;
     }
     let staged = stage_and_verify(source, image, dest, meter).and_then(|decoded| {
         pipeline::check_image_fits(&saved, disk_size, decoded.size)?;
         saved.merge_with_image(&decoded.head, disk_size)?;
-        let (staged_sha256, staged_len) = hash_file(dest)?;
+        let (staged_sha256, _) = hash_file(dest)?;
         Ok(StagedImage {
             path: dest.to_path_buf(),
             staged_sha256,
-            staged_len,
             format: decoded.format,
             size: decoded.size,
             sha256: decoded.sha256,
@@ -163,15 +160,6 @@ pub fn stage_image(
         let _ = std::fs::remove_file(dest);
     }
     staged
-}
-
-/// The target's size and its saved partitions, read without writing.
-fn read_target(target: &Path, save: &SaveSpec) -> Result<(u64, SavedPartitions)> {
-    let device = Target::open_read_only(target)?;
-    let mut file =
-        File::open(target).map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
-    let saved = SavedPartitions::find(&mut file, device.logical_block_size(), save)?;
-    Ok((device.size(), saved))
 }
 
 /// What decoding the staged stream found.
@@ -196,14 +184,7 @@ fn stage_and_verify(
         dest: dest.to_path_buf(),
     };
     let (format, mut decoded) = decode::open_decoder(tee)?;
-    if let Some(expected) = image.format
-        && expected != format
-    {
-        return Err(Error::ImageFormatMismatch {
-            expected: expected.to_string(),
-            actual: format.to_string(),
-        });
-    }
+    pipeline::check_format(image, format)?;
     meter.phase(Phase::Staging, image.size);
     let mut hasher = Sha256::new();
     let mut head = Vec::with_capacity(crate::disk::HEAD_LEN);

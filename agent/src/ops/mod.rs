@@ -9,7 +9,6 @@ pub use reimage_protocol::new_request_id;
 
 use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::disk::saved::SaveSpec;
 use crate::handoff::prepare::{self, InPlaceRequest};
 use crate::handoff::{HandoffPlan, Outcome, OutcomeRecord, outcome, stage};
 use crate::image::http::HttpOptions;
@@ -120,7 +119,7 @@ impl Agent {
                         self.tasks.set_hold(true);
                         self.confirm_handoff(&id)?;
                     } else {
-                        cancel_handoff(&id, &self.config.agent.state_dir);
+                        self.cancel_handoff(&id);
                         self.fail(
                             &id,
                             "RebootNotObserved",
@@ -146,7 +145,7 @@ impl Agent {
                 }
                 Some(Phase::Staging) => {
                     if record.handoff {
-                        cancel_handoff(&id, &self.config.agent.state_dir);
+                        self.cancel_handoff(&id);
                     }
                     self.remove_handoff_files(&id);
                     self.fail(
@@ -592,10 +591,7 @@ impl Agent {
             let write = WriteRequest {
                 image: request,
                 target: disk.target.clone(),
-                save: SaveSpec {
-                    labels: disk.save_partlabel.clone(),
-                    indexes: disk.save_partindex.clone(),
-                },
+                save: disk.save_spec(),
                 read_back: true,
                 http,
                 beside_mounts: Vec::new(),
@@ -631,10 +627,7 @@ impl Agent {
             image,
             http,
             target: disk.target.clone(),
-            save: SaveSpec {
-                labels: disk.save_partlabel.clone(),
-                indexes: disk.save_partindex.clone(),
-            },
+            save: disk.save_spec(),
             state_dir: self.config.agent.state_dir.clone(),
             staging: disk.staging,
             reboot: self.config.reboot.method,
@@ -644,7 +637,7 @@ impl Agent {
         // knows a handoff may be in place and removes it.
         self.update_record(id, |record| record.handoff = true)?;
         if let Err(err) = prepare::install(&prepared.plan_path, &self.config.agent.state_dir) {
-            cancel_handoff(id, &self.config.agent.state_dir);
+            self.cancel_handoff(id);
             return Err(err);
         }
         Ok(prepared.staged.sha256)
@@ -694,6 +687,17 @@ impl Agent {
                 &format!("the shutdown handoff's write failed: {message}; the disk holds only the saved partitions"),
                 true,
             ),
+        }
+    }
+
+    /// Removes the shutdown handoff of operation `id`, if installed; logged,
+    /// not fatal: the operation ends either way.
+    fn cancel_handoff(&self, id: &str) {
+        match prepare::cancel_installed(&self.config.agent.state_dir) {
+            Ok(()) => tracing::info!(operation = %id, "removed the shutdown handoff"),
+            Err(err) => {
+                tracing::error!(operation = %id, %err, "could not remove the shutdown handoff: the next reboot may still write the staged image")
+            }
         }
     }
 
@@ -763,7 +767,7 @@ impl Agent {
         let handoff = self.lock().operations.get(id).is_some_and(|r| r.handoff);
         if rebooted.is_err() && handoff {
             // No reboot now must not mean a surprise write at a later one.
-            cancel_handoff(id, &self.config.agent.state_dir);
+            self.cancel_handoff(id);
         }
         rebooted
     }
@@ -906,17 +910,6 @@ impl ImageChoice {
             ImageChoice::Manifest(manifest) => {
                 ImageRequest::resolve(None, Some(manifest), None, http, trusted_keys)
             }
-        }
-    }
-}
-
-/// Removes the shutdown handoff of operation `id`, if installed; logged,
-/// not fatal: the operation ends either way.
-fn cancel_handoff(id: &str, state_dir: &std::path::Path) {
-    match prepare::cancel_installed(state_dir) {
-        Ok(()) => tracing::info!(operation = %id, "removed the shutdown handoff"),
-        Err(err) => {
-            tracing::error!(operation = %id, %err, "could not remove the shutdown handoff: the next reboot may still write the staged image")
         }
     }
 }
