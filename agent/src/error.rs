@@ -1,6 +1,7 @@
 //! The typed errors of the reimage pipeline, each with a stable code that the
 //! API and the CLI show (`error: <context>: <code>: <cause>`).
 
+use reimage_protocol::ErrorCode;
 use std::io;
 
 /// Everything that can end a reimage. `code()` is stable: operators and the
@@ -103,33 +104,33 @@ pub enum Error {
 
 impl Error {
     /// The stable error code, as shown by the API (`error.code`) and the CLI.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Error::DownloadFailed(_) => "DownloadFailed",
-            Error::ImageTruncated(_) => "ImageTruncated",
-            Error::ImageChecksumMismatch { .. } => "ImageChecksumMismatch",
-            Error::ImageSizeMismatch { .. } => "ImageSizeMismatch",
-            Error::ImageCorrupt(_) => "ImageCorrupt",
-            Error::ImageTrailingData(_) => "ImageTrailingData",
-            Error::ImageFormatMismatch { .. } => "ImageFormatMismatch",
-            Error::ImageUrlNotAllowed(_) => "ImageUrlNotAllowed",
-            Error::ManifestUnsigned(_) => "ManifestUnsigned",
-            Error::ManifestSignatureInvalid(_) => "ManifestSignatureInvalid",
-            Error::ManifestInvalid(_) => "ManifestInvalid",
-            Error::DiskBusy { .. } => "DiskBusy",
-            Error::SavedPartitionNotFound(_) => "SavedPartitionNotFound",
-            Error::SavedPartitionCollision(_) => "SavedPartitionCollision",
-            Error::TargetTooSmall { .. } => "TargetTooSmall",
-            Error::PartitionTableInvalid(_) => "PartitionTableInvalid",
-            Error::DiskWriteFailed { .. } => "DiskWriteFailed",
-            Error::DiskReadFailed { .. } => "DiskReadFailed",
-            Error::ReadbackMismatch(_) => "ReadbackMismatch",
-            Error::StagingSpaceInsufficient(_) => "StagingSpaceInsufficient",
-            Error::HandoffUnavailable(_) => "HandoffUnavailable",
-            Error::InvalidArgument(_) => "InvalidArgument",
-            Error::StoreFailed(_) => "StoreFailed",
-            Error::ConfigInvalid(_) => "ConfigInvalid",
-            Error::Io { .. } => "IoError",
+            Error::DownloadFailed(_) => ErrorCode::DownloadFailed,
+            Error::ImageTruncated(_) => ErrorCode::ImageTruncated,
+            Error::ImageChecksumMismatch { .. } => ErrorCode::ImageChecksumMismatch,
+            Error::ImageSizeMismatch { .. } => ErrorCode::ImageSizeMismatch,
+            Error::ImageCorrupt(_) => ErrorCode::ImageCorrupt,
+            Error::ImageTrailingData(_) => ErrorCode::ImageTrailingData,
+            Error::ImageFormatMismatch { .. } => ErrorCode::ImageFormatMismatch,
+            Error::ImageUrlNotAllowed(_) => ErrorCode::ImageUrlNotAllowed,
+            Error::ManifestUnsigned(_) => ErrorCode::ManifestUnsigned,
+            Error::ManifestSignatureInvalid(_) => ErrorCode::ManifestSignatureInvalid,
+            Error::ManifestInvalid(_) => ErrorCode::ManifestInvalid,
+            Error::DiskBusy { .. } => ErrorCode::DiskBusy,
+            Error::SavedPartitionNotFound(_) => ErrorCode::SavedPartitionNotFound,
+            Error::SavedPartitionCollision(_) => ErrorCode::SavedPartitionCollision,
+            Error::TargetTooSmall { .. } => ErrorCode::TargetTooSmall,
+            Error::PartitionTableInvalid(_) => ErrorCode::PartitionTableInvalid,
+            Error::DiskWriteFailed { .. } => ErrorCode::DiskWriteFailed,
+            Error::DiskReadFailed { .. } => ErrorCode::DiskReadFailed,
+            Error::ReadbackMismatch(_) => ErrorCode::ReadbackMismatch,
+            Error::StagingSpaceInsufficient(_) => ErrorCode::StagingSpaceInsufficient,
+            Error::HandoffUnavailable(_) => ErrorCode::HandoffUnavailable,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::StoreFailed(_) => ErrorCode::StoreFailed,
+            Error::ConfigInvalid(_) => ErrorCode::ConfigInvalid,
+            Error::Io { .. } => ErrorCode::IoError,
         }
     }
 

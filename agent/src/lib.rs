@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod disk;
+pub mod duration;
 pub mod error;
 pub mod handoff;
 pub mod image;
@@ -16,8 +17,10 @@ pub mod ops;
 pub mod pipeline;
 pub mod progress;
 pub mod reboot;
+pub mod sandbox;
 pub mod service;
 pub mod store;
+pub mod system;
 pub mod tasks;
 
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@ use crate::disk::gpt::TableSectors;
 use crate::disk::readback;
 use crate::disk::saved::{SaveSpec, SavedPartition, SavedPartitions};
 use crate::disk::sink::{self, DiskSink};
+use crate::image::digest::parse_sha256_hex;
 use crate::image::http::HttpOptions;
 use crate::image::source::{self, Location};
 use crate::image::stream::ChunkStream;
@@ -54,7 +55,12 @@ impl ImageRequest {
         http: &HttpOptions,
         trusted_keys: &[String],
     ) -> Result<ImageRequest> {
-        let sha256 = sha256.map(manifest::parse_sha256).transpose()?;
+        let sha256 = sha256
+            .map(|text| {
+                parse_sha256_hex(text.trim())
+                    .map_err(|e| Error::InvalidArgument(format!("sha256 '{text}': {e}")))
+            })
+            .transpose()?;
         if manifest.is_none() && !trusted_keys.is_empty() {
             return Err(Error::ManifestUnsigned(
                 "trusted keys are configured, so the image must come with a signed manifest".into(),
@@ -428,7 +434,7 @@ impl<'t> Job<'t> {
             return;
         }
         tracing::warn!(
-            code = cause.code(),
+            code = %cause.code(),
             "write failed; resetting the partition table to the saved partitions"
         );
         let reset = self

@@ -1,6 +1,8 @@
 //! Bodies of the HTTP API v1 (camelCase JSON), as in DESIGN.md.
 
+use crate::error_code::ErrorCode;
 use crate::progress::Phase;
+use crate::wire_enum::wire_enum;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -27,31 +29,34 @@ pub enum SchedulingState {
     Disabled,
 }
 
-/// What happens to the work on the node when it is reimaged or rebooted.
-#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeReimageOption {
-    /// Stop running tasks now and run them again on the new image.
-    #[default]
-    Requeue,
-    /// Stop running tasks now and mark them completed with a failure.
-    Terminate,
-    /// Take no new tasks and wait for the running ones.
-    TaskCompletion,
-    /// As taskcompletion, and also wait for every retention timer.
-    RetainedData,
+wire_enum! {
+    /// What happens to the work on the node when it is reimaged or rebooted.
+    #[derive(Default)]
+    pub enum NodeReimageOption {
+        /// Stop running tasks now and run them again on the new image.
+        #[default]
+        Requeue = "requeue",
+        /// Stop running tasks now and mark them completed with a failure.
+        Terminate = "terminate",
+        /// Take no new tasks and wait for the running ones.
+        TaskCompletion = "taskcompletion",
+        /// As taskcompletion, and also wait for every retention timer.
+        RetainedData = "retaineddata",
+    }
 }
 
-/// What happens to running tasks when scheduling is disabled.
-#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DisableSchedulingOption {
-    #[default]
-    Requeue,
-    Terminate,
-    TaskCompletion,
+wire_enum! {
+    /// What happens to running tasks when scheduling is disabled.
+    #[derive(Default)]
+    pub enum DisableSchedulingOption {
+        /// Stop running tasks now and run them again later.
+        #[default]
+        Requeue = "requeue",
+        /// Stop running tasks now and mark them completed with a failure.
+        Terminate = "terminate",
+        /// Let running tasks finish.
+        TaskCompletion = "taskcompletion",
+    }
 }
 
 /// The image a node runs or is asked to run.
@@ -97,9 +102,34 @@ pub struct Node {
     pub total_tasks_run: u64,
     pub state_transition_time: Timestamp,
     pub last_boot_time: Option<Timestamp>,
+    /// The image on the disk, as far as the agent knows; `null` once a
+    /// failed write left the disk with only the saved partitions.
     pub image: Option<ImageRef>,
     pub disk: DiskInfo,
     pub agent_version: String,
+    /// Why the node is `unusable`, or how its last operation failed.
+    #[serde(default)]
+    pub errors: Vec<NodeError>,
+}
+
+/// A node error, in Batch's `ComputeNodeError` shape.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// `operationId`: the operation that failed.
+    #[serde(default)]
+    pub error_details: Vec<NameValuePair>,
+}
+
+/// A `{"name","value"}` pair, as Batch writes details.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameValuePair {
+    pub name: String,
+    pub value: String,
 }
 
 /// An image given inline in a reimage request.
@@ -107,8 +137,13 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
+    /// `http(s)://…`, or `file://…` where `[image] allow_local_files` is on.
+    #[cfg_attr(feature = "utoipa", schema(min_length = 1, max_length = 4096))]
     pub url: String,
+    /// SHA-256 of the decoded image: 64 hex digits.
+    #[cfg_attr(feature = "utoipa", schema(pattern = "^[0-9a-fA-F]{64}$"))]
     pub sha256: String,
+    /// Size of the decoded image in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
 }
@@ -122,7 +157,10 @@ pub struct ReimageRequest {
     pub node_reimage_option: NodeReimageOption,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageSpec>,
+    /// The image's manifest: `http(s)://…`, or `file://…` where `[image]
+    /// allow_local_files` is on. Not together with `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(min_length = 1, max_length = 4096))]
     pub manifest_url: Option<String>,
 }
 
@@ -162,7 +200,8 @@ pub enum OperationStatus {
     Failed,
 }
 
-/// Bytes moved by the running phase.
+/// Bytes moved by the running phase; once the write finished, what it
+/// wrote in all and its average rate.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -177,7 +216,7 @@ pub struct OperationProgress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationError {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -189,14 +228,25 @@ pub struct Operation {
     pub id: String,
     pub kind: OperationKind,
     pub status: OperationStatus,
+    /// The phase it is in; once it ended, `done`, or the phase it failed in.
     pub phase: Option<Phase>,
     pub progress: OperationProgress,
     pub node_reimage_option: NodeReimageOption,
     pub requeued_tasks: Vec<String>,
     pub terminated_tasks: Vec<String>,
     pub error: Option<OperationError>,
+    /// The image a reimage writes, once its source is resolved (its name
+    /// and the SHA-256 of the decoded image).
+    #[serde(default)]
+    pub image: Option<ImageRef>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// When it succeeded or failed.
+    #[serde(default)]
+    pub ended_at: Option<Timestamp>,
+    /// From `createdAt` to `endedAt`.
+    #[serde(default)]
+    pub duration_seconds: Option<f64>,
 }
 
 /// `{"name","value"}` for a task's environment.
@@ -249,7 +299,7 @@ pub enum TaskState {
 pub struct FailureInfo {
     /// `usererror` (the command failed) or `servererror` (the node stopped it).
     pub category: String,
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -295,7 +345,7 @@ pub struct List<T> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: ErrorMessage,
     #[serde(default)]
     pub values: Vec<ErrorValue>,
@@ -319,9 +369,9 @@ pub struct ErrorValue {
 
 impl ErrorBody {
     /// An error with `code` and an English message.
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ErrorBody {
-            code: code.into(),
+            code,
             message: ErrorMessage {
                 lang: "en-us".into(),
                 value: message.into(),
@@ -351,6 +401,24 @@ mod tests {
         assert_eq!(body.node_reimage_option, NodeReimageOption::TaskCompletion);
         let body: ReimageRequest = serde_json::from_str("{}").expect("defaults");
         assert_eq!(body.node_reimage_option, NodeReimageOption::Requeue);
+        for spelling in ["taskCompletion", "TASKCOMPLETION", "TaskCompletion"] {
+            let body: ReimageRequest =
+                serde_json::from_str(&format!(r#"{{"nodeReimageOption":"{spelling}"}}"#))
+                    .expect("any case");
+            assert_eq!(body.node_reimage_option, NodeReimageOption::TaskCompletion);
+            assert_eq!(
+                serde_json::to_value(&body).expect("json")["nodeReimageOption"],
+                "taskcompletion",
+                "answers keep one spelling"
+            );
+        }
+        let err =
+            serde_json::from_str::<ReimageRequest>(r#"{"nodeReimageOption":"task completion"}"#)
+                .expect_err("not a value");
+        assert!(
+            err.to_string().contains("retaineddata"),
+            "lists the values: {err}"
+        );
         let err = serde_json::from_str::<ReimageRequest>(r#"{"nodeReimageOptions":"x"}"#)
             .expect_err("unknown field");
         assert!(err.to_string().contains("nodeReimageOptions"));
@@ -369,8 +437,11 @@ mod tests {
             requeued_tasks: vec![],
             terminated_tasks: vec![],
             error: None,
+            image: None,
             created_at: at,
             updated_at: at,
+            ended_at: None,
+            duration_seconds: None,
         };
         let json = serde_json::to_value(&op).expect("serialises");
         assert_eq!(json["status"], "InProgress");
@@ -381,7 +452,8 @@ mod tests {
 
     #[test]
     fn the_error_body_has_the_batch_shape() {
-        let body = ErrorBody::new("NodeBeingReimaged", "busy").with_value("operationId", "op1");
+        let body =
+            ErrorBody::new(ErrorCode::NodeBeingReimaged, "busy").with_value("operationId", "op1");
         assert_eq!(
             serde_json::to_string(&body).expect("serialises"),
             r#"{"code":"NodeBeingReimaged","message":{"lang":"en-us","value":"busy"},"values":[{"key":"operationId","value":"op1"}]}"#

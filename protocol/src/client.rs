@@ -8,6 +8,7 @@ use crate::api::{
     AddTaskRequest, DisableSchedulingOption, DisableSchedulingRequest, ErrorBody, List, Node,
     NodeReimageOption, Operation, OperationStatus, RebootRequest, ReimageRequest, Task,
 };
+use crate::error_code::ErrorCode;
 use crate::request_id::new_request_id;
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
@@ -56,14 +57,14 @@ pub enum ClientError {
 impl ClientError {
     /// A stable code: the API's (`NodeBeingReimaged`, `TaskNotFound`, ...)
     /// or `ConnectionFailed`, `Timeout`, `InvalidResponse`, `InvalidUrl`.
-    pub fn code(&self) -> &str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ClientError::Api { body, .. } => &body.code,
-            ClientError::Transport(_) => "ConnectionFailed",
-            ClientError::Timeout(_) => "Timeout",
-            ClientError::NodeDidNotReturn(_) => "NodeDidNotReturn",
-            ClientError::Decode(_) => "InvalidResponse",
-            ClientError::InvalidUrl(_) => "InvalidUrl",
+            ClientError::Api { body, .. } => body.code.clone(),
+            ClientError::Transport(_) => ErrorCode::ConnectionFailed,
+            ClientError::Timeout(_) => ErrorCode::Timeout,
+            ClientError::NodeDidNotReturn(_) => ErrorCode::NodeDidNotReturn,
+            ClientError::Decode(_) => ErrorCode::InvalidResponse,
+            ClientError::InvalidUrl(_) => ErrorCode::InvalidUrl,
         }
     }
 
@@ -513,7 +514,10 @@ fn error_body(status: StatusCode, bytes: &[u8]) -> ErrorBody {
         } else {
             text.chars().take(200).collect()
         };
-        ErrorBody::new(format!("Http{}", status.as_u16()), message)
+        ErrorBody::new(
+            ErrorCode::Other(format!("Http{}", status.as_u16())),
+            message,
+        )
     })
 }
 

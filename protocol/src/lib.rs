@@ -5,11 +5,14 @@
 
 pub mod api;
 pub mod client;
+pub mod error_code;
 pub mod manifest;
 pub mod progress;
 pub mod request_id;
+mod wire_enum;
 
 pub use client::{Client, ClientError, RetryPolicy, WaitEvent};
+pub use error_code::ErrorCode;
 pub use manifest::{ImageFormat, ImageManifest};
 pub use progress::{Phase, WriteProgress};
 pub use request_id::new_request_id;

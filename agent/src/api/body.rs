@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
+use reimage_protocol::ErrorCode;
 use serde::de::DeserializeOwned;
 
 /// Request bodies are small; anything larger is refused.
@@ -24,7 +25,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let (json, bytes) = read(request, state).await?;
         if bytes.is_empty() {
             return Err(ApiError::bad_request(
-                "MissingRequestBody",
+                ErrorCode::MissingRequestBody,
                 "this request needs a JSON body",
             ));
         }
@@ -57,11 +58,11 @@ async fn read<S: Send + Sync>(request: Request, state: &S) -> Result<(bool, Byte
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestBodyTooLarge",
+                    ErrorCode::RequestBodyTooLarge,
                     format!("request bodies are limited to {BODY_LIMIT} bytes"),
                 )
             } else {
-                ApiError::bad_request("InvalidRequestBody", rejection.body_text())
+                ApiError::bad_request(ErrorCode::InvalidRequestBody, rejection.body_text())
             }
         })?;
     Ok((json, bytes))
@@ -71,11 +72,14 @@ fn parse<T: DeserializeOwned>(json: bool, bytes: &[u8]) -> Result<T, ApiError> {
     if !json {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
+            ErrorCode::UnsupportedMediaType,
             "send the body as application/json",
         ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request("InvalidRequestBody", format!("the body is not valid: {e}"))
+        ApiError::bad_request(
+            ErrorCode::InvalidRequestBody,
+            format!("the body is not valid: {e}"),
+        )
     })
 }

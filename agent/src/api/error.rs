@@ -1,8 +1,10 @@
 //! One error body everywhere: `{"code","message":{"lang","value"},"values"}`.
 
+use crate::ops::{Refusal, RefusalKind};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::ErrorBody;
 use std::fmt;
 
@@ -15,7 +17,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with `status`, `code` and a message.
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             body: ErrorBody::new(code, message),
@@ -23,17 +25,17 @@ impl ApiError {
     }
 
     /// 400.
-    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// 404.
-    pub fn not_found(code: &str, message: impl Into<String>) -> Self {
+    pub fn not_found(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
     /// 409.
-    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
+    pub fn conflict(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }
 
@@ -42,7 +44,7 @@ impl ApiError {
         tracing::error!(%err, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
+            ErrorCode::InternalError,
             err.to_string(),
         )
     }
@@ -66,9 +68,29 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    /// The status each kind of refusal is answered with.
+    fn from(refusal: Refusal) -> Self {
+        let status = match refusal.kind {
+            RefusalKind::Invalid => StatusCode::BAD_REQUEST,
+            RefusalKind::Forbidden => StatusCode::FORBIDDEN,
+            RefusalKind::NotFound => StatusCode::NOT_FOUND,
+            RefusalKind::Conflict => StatusCode::CONFLICT,
+            RefusalKind::Internal => {
+                tracing::error!(%refusal, "internal error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let mut error = ApiError::new(status, refusal.code, refusal.message);
+        for (key, value) in refusal.details {
+            error = error.with_value(&key, value);
+        }
+        error
+    }
+}
+
 impl From<crate::tasks::TaskError> for ApiError {
     fn from(err: crate::tasks::TaskError) -> Self {
-        let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-        ApiError::new(status, err.code(), err.to_string())
+        Refusal::from(err).into()
     }
 }

@@ -11,7 +11,6 @@ pub mod openapi;
 pub mod seed;
 pub mod tls;
 
-use crate::config::TokenConfig;
 use crate::ops::Agent;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -22,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use body::{JsonBody, OptionalJsonBody};
 use error::ApiError;
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
     AddTaskRequest, DisableSchedulingRequest, ErrorBody, List, Node, Operation, RebootRequest,
     ReimageRequest, Task,
@@ -45,7 +45,7 @@ pub const NO_SUCH_ROUTE: &str = "no such route";
 #[derive(Clone)]
 pub struct ApiState {
     pub agent: Arc<Agent>,
-    pub tokens: Arc<Vec<TokenConfig>>,
+    pub tokens: Arc<Vec<auth::Token>>,
 }
 
 /// Every route of the API with its description. Only `routes!` may add a
@@ -91,7 +91,7 @@ pub fn router(state: ApiState) -> Router {
         b"{}".to_vec()
     });
     router
-        .fallback(|| async { ApiError::not_found("ResourceNotFound", NO_SUCH_ROUTE) })
+        .fallback(|| async { ApiError::not_found(ErrorCode::ResourceNotFound, NO_SUCH_ROUTE) })
         .layer(Extension(OpenApiJson(Bytes::from(json))))
         .layer(DefaultBodyLimit::max(body::BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -161,7 +161,7 @@ pub(crate) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, A
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .ok_or_else(|| {
             ApiError::bad_request(
-                "InvalidHeaderValue",
+                ErrorCode::InvalidHeaderValue,
                 "client-request-id must be 1-128 visible characters",
             )
         })?;
@@ -231,10 +231,7 @@ async fn reboot(
     OptionalJsonBody(request): OptionalJsonBody<RebootRequest>,
 ) -> Result<Response, ApiError> {
     let client_id = client_request_id(&headers)?;
-    let operation = state
-        .agent
-        .reboot(request.node_reboot_option, client_id.as_deref())
-        .await?;
+    let operation = state.agent.reboot(request, client_id.as_deref()).await?;
     Ok(accepted(operation))
 }
 
@@ -285,11 +282,9 @@ async fn operation(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Operation>, ApiError> {
-    state
-        .agent
-        .operation(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("OperationNotFound", format!("no operation {id}")))
+    state.agent.operation(&id).map(Json).ok_or_else(|| {
+        ApiError::not_found(ErrorCode::OperationNotFound, format!("no operation {id}"))
+    })
 }
 
 /// Adds a task; it runs when the node takes tasks.
@@ -338,7 +333,7 @@ async fn get_task(
         .agent
         .tasks
         .get(&id)
-        .ok_or_else(|| ApiError::not_found("TaskNotFound", format!("no task {id}")))?;
+        .ok_or_else(|| ApiError::not_found(ErrorCode::TaskNotFound, format!("no task {id}")))?;
     Ok(Json(task).into_response())
 }
 
@@ -371,7 +366,7 @@ async fn task_file(
     let path = state.agent.tasks.file(&id, &name)?;
     let file = tokio::fs::File::open(&path).await.map_err(|_| {
         ApiError::not_found(
-            "TaskFileNotFound",
+            ErrorCode::TaskFileNotFound,
             format!("task {id} has no {name} (yet, or any more)"),
         )
     })?;

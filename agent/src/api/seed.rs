@@ -6,10 +6,12 @@
 use crate::api::body::OptionalJsonBody;
 use crate::api::error::ApiError;
 use crate::api::{ApiState, REQUEST_ID, client_request_id};
+use crate::ops::Refusal;
 use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{ErrorBody, OperationStatus, ReimageRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -72,7 +74,7 @@ pub async fn batch_reimage(
 ) -> Result<Response, ApiError> {
     if query.api_version.as_deref().is_none_or(str::is_empty) {
         return Err(ApiError::bad_request(
-            "MissingRequiredQueryParameter",
+            ErrorCode::MissingRequiredQueryParameter,
             "the api-version query parameter is required",
         )
         .with_value("QueryParameterName", "api-version"));
@@ -154,7 +156,7 @@ pub async fn role_instance_by_slot(
     if !slot.eq_ignore_ascii_case("production") && !slot.eq_ignore_ascii_case("staging") {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
-            "BadRequest",
+            ErrorCode::BadRequest,
             &format!("the deployment slot must be production or staging, not {slot}"),
         ));
     }
@@ -170,7 +172,7 @@ async fn reimage_role_instance(
     if query.comp.as_deref() != Some("reimage") {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
-            "BadRequest",
+            ErrorCode::BadRequest,
             "role instances support only comp=reimage; add ?comp=reimage to the URI",
         ));
     }
@@ -178,7 +180,7 @@ async fn reimage_role_instance(
     if role != state.agent.node().id {
         return Err(XmlError::new(
             StatusCode::NOT_FOUND,
-            "ResourceNotFound",
+            ErrorCode::ResourceNotFound,
             &format!("no role instance {role}"),
         ));
     }
@@ -216,7 +218,7 @@ pub async fn operation_status(
     let operation = state.agent.operation(&request_id).ok_or_else(|| {
         XmlError::new(
             StatusCode::NOT_FOUND,
-            "ResourceNotFound",
+            ErrorCode::ResourceNotFound,
             &format!("no operation {request_id}"),
         )
     })?;
@@ -285,7 +287,7 @@ impl ServiceManagementOperation {
         if let Some(error) = &self.error {
             xml.push_str(&format!(
                 "  <Error>\n    <Code>{}</Code>\n    <Message>{}</Message>\n  </Error>\n",
-                escape(&error.code),
+                escape(error.code.as_str()),
                 escape(&error.message)
             ));
         }
@@ -302,7 +304,7 @@ impl ServiceManagementOperation {
     namespace = "http://schemas.microsoft.com/windowsazure"
 ))]
 pub struct ServiceManagementError {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -312,7 +314,7 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
     let Some(value) = headers.get(&MS_VERSION) else {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
-            "MissingOrInvalidRequiredHeader",
+            ErrorCode::MissingOrInvalidRequiredHeader,
             &format!(
                 "the x-ms-version header is required: send a Service Management version of {minimum} or later"
             ),
@@ -322,7 +324,7 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
     if !is_iso_date(text) {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
-            "InvalidHeader",
+            ErrorCode::InvalidHeader,
             &format!(
                 "x-ms-version {text:?} is not a version: send a date such as {minimum} (YYYY-MM-DD)"
             ),
@@ -332,7 +334,7 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
     if text < minimum {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
-            "InvalidHeader",
+            ErrorCode::InvalidHeader,
             &format!("x-ms-version {text} is too old: this operation needs {minimum} or later"),
         ));
     }
@@ -345,7 +347,7 @@ fn check_node(state: &ApiState, node: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::not_found(
-            "NodeNotFound",
+            ErrorCode::NodeNotFound,
             format!("this agent is node {id}, not {node}"),
         )
         .with_value("nodeId", node))
@@ -380,14 +382,20 @@ pub struct XmlError {
 }
 
 impl XmlError {
-    fn new(status: StatusCode, code: &str, message: &str) -> Self {
+    fn new(status: StatusCode, code: ErrorCode, message: &str) -> Self {
         XmlError {
             status,
             body: ServiceManagementError {
-                code: code.to_string(),
+                code,
                 message: message.to_string(),
             },
         }
+    }
+}
+
+impl From<Refusal> for XmlError {
+    fn from(refusal: Refusal) -> Self {
+        ApiError::from(refusal).into()
     }
 }
 
@@ -407,7 +415,7 @@ impl IntoResponse for XmlError {
     fn into_response(self) -> Response {
         let xml = format!(
             "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Error xmlns=\"{MS_NAMESPACE}\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <Code>{}</Code>\n  <Message>{}</Message>\n</Error>\n",
-            escape(&self.body.code),
+            escape(self.body.code.as_str()),
             escape(&self.body.message)
         );
         let mut response = (

@@ -5,6 +5,7 @@
 use super::plan::write_atomically;
 use crate::{Error, Result};
 use jiff::Timestamp;
+use reimage_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -18,9 +19,9 @@ pub enum Outcome {
     /// The image is on the disk, verified, with the merged partition table.
     Written { sha256: String, size: u64 },
     /// Nothing was written; the node boots its old system.
-    Refused { code: String, message: String },
+    Refused { code: ErrorCode, message: String },
     /// The write failed part way; the disk holds only the saved partitions.
-    WriteFailed { code: String, message: String },
+    WriteFailed { code: ErrorCode, message: String },
 }
 
 /// The outcome file's content.
@@ -92,7 +93,7 @@ mod tests {
             finished_at: Timestamp::now(),
             elapsed_seconds: 1.5,
             outcome: Outcome::Refused {
-                code: "ImageChecksumMismatch".into(),
+                code: ErrorCode::ImageChecksumMismatch,
                 message: "changed".into(),
             },
         };

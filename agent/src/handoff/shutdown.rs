@@ -132,11 +132,11 @@ fn write_and_record(
             size: report.size,
         },
         Err(HandoffFailure::Refused(err)) => Outcome::Refused {
-            code: err.code().into(),
+            code: err.code(),
             message: err.to_string(),
         },
         Err(HandoffFailure::WriteFailed(failure)) => Outcome::WriteFailed {
-            code: failure.error.code().into(),
+            code: failure.error.code(),
             message: failure.error.to_string(),
         },
     };

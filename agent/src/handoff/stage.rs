@@ -273,6 +273,7 @@ pub fn hash_file(path: &Path) -> Result<(String, u64)> {
 mod tests {
     use super::*;
     use crate::image::source::Location;
+    use reimage_protocol::ErrorCode;
 
     const MIB: u64 = 1 << 20;
 
@@ -293,7 +294,10 @@ mod tests {
         assert_eq!(auto(Some(100 * MIB)), Ok(StagingArea::Memory));
         assert_eq!(auto(Some(1000 * MIB)), Ok(StagingArea::StateDir));
         assert_eq!(auto(None), Ok(StagingArea::StateDir), "unknown size: disk");
-        assert_eq!(auto(Some(4096 * MIB)), Err("StagingSpaceInsufficient"));
+        assert_eq!(
+            auto(Some(4096 * MIB)),
+            Err(ErrorCode::StagingSpaceInsufficient)
+        );
         let memory = choose_area(StagingChoice::Memory, Some(1000 * MIB), room);
         let err = memory.expect_err("too big for RAM");
         assert!(err.to_string().contains("memory"), "{err}");

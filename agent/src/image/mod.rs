@@ -1,6 +1,8 @@
 //! Where images come from and how they are decoded and checked.
 
+pub mod allowed_urls;
 pub mod decode;
+pub mod digest;
 pub mod http;
 pub mod inspect;
 pub mod manifest;

@@ -41,6 +41,26 @@ impl Location {
         }
     }
 
+    /// A location named in an API request: an `http(s)://` URL, or a
+    /// `file://` URL where `allow_local_files` is set. Bare paths are
+    /// refused: they would be read relative to the daemon's working
+    /// directory, or anywhere on the node.
+    pub fn parse_url(text: &str, allow_local_files: bool) -> Result<Location> {
+        let lower = text.to_ascii_lowercase();
+        let is_file_url = lower.starts_with("file://");
+        if !lower.starts_with("http://") && !lower.starts_with("https://") && !is_file_url {
+            return Err(Error::InvalidArgument(format!(
+                "'{text}' is not an http:// or https:// URL"
+            )));
+        }
+        if is_file_url && !allow_local_files {
+            return Err(Error::InvalidArgument(format!(
+                "'{text}': file:// URLs are refused unless [image] allow_local_files is set"
+            )));
+        }
+        Location::parse(text)
+    }
+
     /// Resolves `reference` (a manifest's `url`) against this location: an
     /// absolute URL stands alone, a relative one is next to the manifest.
     pub fn join(&self, reference: &str) -> Result<Location> {
@@ -106,8 +126,9 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Source> {
             })
         }
         Location::File(path) => {
-            let file = File::open(path)
-                .map_err(|e| Error::io(format!("opening image {}", path.display()), e))?;
+            let file = File::open(path).map_err(|e| {
+                Error::DownloadFailed(format!("opening image {}: {e}", path.display()))
+            })?;
             let length = file.metadata().ok().map(|m| m.len());
             Ok(Source {
                 reader: Box::new(file),
@@ -123,7 +144,7 @@ pub fn read_small(location: &Location, limit: u64, options: &HttpOptions) -> Res
         Location::Http(url) => http::fetch_small(url, limit, options),
         Location::File(path) => {
             let file = File::open(path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                .map_err(|e| Error::DownloadFailed(format!("opening {}: {e}", path.display())))?;
             let mut bytes = Vec::new();
             file.take(limit + 1)
                 .read_to_end(&mut bytes)

@@ -2,7 +2,7 @@
 
 use jiff::Timestamp;
 use reimage_protocol::api::{
-    ImageRef, NodeReimageOption, NodeState, Operation, OperationKind, OperationProgress,
+    ImageRef, NodeError, NodeReimageOption, NodeState, Operation, OperationKind, OperationProgress,
     OperationStatus, ReimageRequest, SchedulingState,
 };
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,10 @@ pub struct NodeRecord {
     pub pending_image: Option<ImageRef>,
     pub last_state: NodeState,
     pub state_transition_time: Timestamp,
+    /// How the last operation failed, until one succeeds: shown as the
+    /// node's `errors`.
+    #[serde(default)]
+    pub last_failure: Option<NodeError>,
 }
 
 impl NodeRecord {
@@ -32,6 +36,7 @@ impl NodeRecord {
             pending_image: None,
             last_state: NodeState::Idle,
             state_transition_time: Timestamp::now(),
+            last_failure: None,
         }
     }
 }
@@ -73,8 +78,11 @@ impl OperationRecord {
                 requeued_tasks: Vec::new(),
                 terminated_tasks: Vec::new(),
                 error: None,
+                image: None,
                 created_at: now,
                 updated_at: now,
+                ended_at: None,
+                duration_seconds: None,
             },
             request,
             image_source,

@@ -1,6 +1,8 @@
 //! Why a task request was refused, with the stable code and HTTP status the
 //! API answers with.
 
+use reimage_protocol::ErrorCode;
+
 /// A refused or failed task request. `code()` is stable; `http_status()` is
 /// what the API answers.
 #[derive(Debug, thiserror::Error)]
@@ -42,30 +44,17 @@ pub enum TaskError {
 
 impl TaskError {
     /// The stable error code the API shows as `code`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            TaskError::TaskExists(_) => "TaskExists",
-            TaskError::TaskNotFound(_) => "TaskNotFound",
-            TaskError::InvalidTaskId { .. } => "InvalidTaskId",
-            TaskError::InvalidDuration { .. } => "InvalidDuration",
-            TaskError::InvalidCommandLine(_) => "InvalidCommandLine",
-            TaskError::InvalidEnvironmentSetting { .. } => "InvalidEnvironmentSetting",
-            TaskError::NodeNotAcceptingTasks => "NodeNotAcceptingTasks",
-            TaskError::TaskFileNotFound { .. } => "TaskFileNotFound",
+            TaskError::TaskExists(_) => ErrorCode::TaskExists,
+            TaskError::TaskNotFound(_) => ErrorCode::TaskNotFound,
+            TaskError::InvalidTaskId { .. } => ErrorCode::InvalidTaskId,
+            TaskError::InvalidDuration { .. } => ErrorCode::InvalidDuration,
+            TaskError::InvalidCommandLine(_) => ErrorCode::InvalidCommandLine,
+            TaskError::InvalidEnvironmentSetting { .. } => ErrorCode::InvalidEnvironmentSetting,
+            TaskError::NodeNotAcceptingTasks => ErrorCode::NodeNotAcceptingTasks,
+            TaskError::TaskFileNotFound { .. } => ErrorCode::TaskFileNotFound,
             TaskError::Agent(err) => err.code(),
-        }
-    }
-
-    /// The HTTP status the API answers with.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            TaskError::TaskExists(_) | TaskError::NodeNotAcceptingTasks => 409,
-            TaskError::TaskNotFound(_) | TaskError::TaskFileNotFound { .. } => 404,
-            TaskError::InvalidTaskId { .. }
-            | TaskError::InvalidDuration { .. }
-            | TaskError::InvalidCommandLine(_)
-            | TaskError::InvalidEnvironmentSetting { .. } => 400,
-            TaskError::Agent(_) => 500,
         }
     }
 }

@@ -12,20 +12,19 @@
 //! scheduling), hold (a reimage or reboot is under way) and accepting (add
 //! refused while a taskcompletion/retaineddata operation waits).
 
-mod duration;
 mod error;
 mod process;
 mod record;
 #[cfg(test)]
 mod tests;
 
-pub use duration::{MAX_DURATION, parse_duration};
 pub use error::TaskError;
 
 use crate::store::{Store, Table};
 use jiff::Timestamp;
 use process::{Launch, ProcessIdentity, live_group_members, stop_group};
 use record::{RESERVED_ENV_PREFIX, TaskRecord};
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{AddTaskRequest, FailureInfo, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -574,7 +573,7 @@ impl TaskManager {
                 tracing::error!(task = id, %err, "starting a task");
                 let failure = FailureInfo {
                     category: "servererror".into(),
-                    code: "TaskStartFailed".into(),
+                    code: ErrorCode::TaskStartFailed,
                     message: format!("the node could not start the task: {err}"),
                 };
                 self.complete(state, id, now, None, Some(failure), 0);
@@ -717,10 +716,10 @@ impl TaskManager {
             Err(err) => format!("could not be waited for ({err})"),
         };
         tracing::info!(task = id, "task process {how}");
-        let failure = |category: &str, code: &str, message: String| {
+        let failure = |category: &str, code: ErrorCode, message: String| {
             Some(FailureInfo {
                 category: category.into(),
-                code: code.into(),
+                code,
                 message,
             })
         };
@@ -738,7 +737,11 @@ impl TaskManager {
                 return;
             }
             Outcome::Exited if exit_code == Some(0) => None,
-            Outcome::Exited => failure("usererror", "TaskFailed", format!("the command {how}")),
+            Outcome::Exited => failure(
+                "usererror",
+                ErrorCode::TaskFailed,
+                format!("the command {how}"),
+            ),
             Outcome::WallClockExceeded => {
                 let limit = state
                     .records
@@ -747,7 +750,7 @@ impl TaskManager {
                     .unwrap_or_default();
                 failure(
                     "usererror",
-                    "MaxWallClockTimeExceeded",
+                    ErrorCode::MaxWallClockTimeExceeded,
                     format!(
                         "the task ran longer than its maxWallClockTime {limit} and was stopped; it {how}"
                     ),
@@ -755,7 +758,7 @@ impl TaskManager {
             }
             Outcome::Stopped(StopMode::Terminate) => failure(
                 "servererror",
-                "TaskTerminated",
+                ErrorCode::TaskTerminated,
                 format!("the node terminated the task; it {how}"),
             ),
         };

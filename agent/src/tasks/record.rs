@@ -3,8 +3,8 @@
 //! identity, whether the retention timer already deleted the files).
 
 use super::TaskError;
-use super::duration::parse_duration;
 use super::process::ProcessIdentity;
+use crate::duration::parse_duration;
 use reimage_protocol::api::{AddTaskRequest, ExecutionInfo, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -50,7 +50,7 @@ impl TaskRecord {
         }
         let max_wall_clock = match &request.constraints.max_wall_clock_time {
             Some(value) => {
-                let limit = parse_duration("maxWallClockTime", value)?;
+                let limit = duration("maxWallClockTime", value)?;
                 if limit.is_zero() {
                     return Err(TaskError::InvalidDuration {
                         field: "maxWallClockTime".into(),
@@ -63,7 +63,7 @@ impl TaskRecord {
             None => None,
         };
         let retention = match &request.constraints.retention_time {
-            Some(value) => parse_duration("retentionTime", value)?,
+            Some(value) => duration("retentionTime", value)?,
             None => default_retention,
         };
         Ok(TaskRecord {
@@ -91,6 +91,15 @@ impl TaskRecord {
     pub fn holds_files(&self) -> bool {
         self.task.state == TaskState::Completed && !self.files_deleted
     }
+}
+
+/// The duration `value` given for `field`.
+fn duration(field: &str, value: &str) -> Result<Duration, TaskError> {
+    parse_duration(value).map_err(|e| TaskError::InvalidDuration {
+        field: field.to_owned(),
+        value: value.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Ids are 1 to 64 characters of `[A-Za-z0-9_-]`: they name a directory,

@@ -28,8 +28,11 @@ fn operation(status: OperationStatus) -> Operation {
         requeued_tasks: vec![],
         terminated_tasks: vec![],
         error: None,
+        image: None,
         created_at: at,
         updated_at: at,
+        ended_at: None,
+        duration_seconds: None,
     }
 }
 
@@ -118,7 +121,10 @@ async fn api_errors_keep_their_code_and_are_not_retried() {
                 *count.lock().expect("count") += 1;
                 (
                     StatusCode::CONFLICT,
-                    Json(ErrorBody::new("NodeBeingReimaged", "the node is reimaging")),
+                    Json(ErrorBody::new(
+                        ErrorCode::NodeBeingReimaged,
+                        "the node is reimaging",
+                    )),
                 )
             }
         }),
@@ -172,7 +178,7 @@ async fn a_retried_delete_that_finds_the_task_gone_succeeded() {
                 } else {
                     (
                         StatusCode::NOT_FOUND,
-                        Json(ErrorBody::new("TaskNotFound", "no task t1")),
+                        Json(ErrorBody::new(ErrorCode::TaskNotFound, "no task t1")),
                     )
                         .into_response()
                 }
@@ -357,7 +363,10 @@ async fn waiting_for_an_unknown_operation_fails_at_once() {
         get(|| async {
             (
                 StatusCode::NOT_FOUND,
-                Json(ErrorBody::new("OperationNotFound", "no operation x")),
+                Json(ErrorBody::new(
+                    ErrorCode::OperationNotFound,
+                    "no operation x",
+                )),
             )
         }),
     );

@@ -4,7 +4,8 @@
 use anyhow::Context;
 use clap::Args;
 use reimage_agent::Error;
-use reimage_agent::config::{Config, Role};
+use reimage_agent::api::auth::Role;
+use reimage_agent::config::Config;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]

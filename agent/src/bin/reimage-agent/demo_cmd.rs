@@ -3,7 +3,6 @@
 //! 127.0.0.1; the target is a sparse file; nothing else is touched.
 
 use anyhow::{Context, Result, bail};
-use reimage_agent::config;
 use reimage_agent::daemon::Daemon;
 use reimage_agent::disk::gpt::{SparseDisk, render};
 use reimage_protocol::api::{Operation, OperationStatus, Task};
@@ -28,10 +27,10 @@ pub fn run() -> Result<()> {
 async fn demo() -> Result<()> {
     let dir = tempfile_dir()?;
     say(&format!("sandbox in {}", dir.display()));
-    let mut config = config::sandbox(&dir).context("preparing the sandbox")?;
+    let mut config = reimage_agent::sandbox::sandbox(&dir).context("preparing the sandbox")?;
     config.api.listen = "127.0.0.1:0".parse()?;
     config.tasks.kill_grace = Duration::from_secs(2);
-    let token = std::fs::read_to_string(dir.join(config::SANDBOX_TOKEN_FILE))?
+    let token = std::fs::read_to_string(dir.join(reimage_agent::sandbox::TOKEN_FILE))?
         .trim()
         .to_string();
 

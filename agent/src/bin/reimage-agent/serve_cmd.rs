@@ -41,5 +41,5 @@ fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
             .with_context(|| format!("loading {}", config::DEFAULT_CONFIG_PATH));
     }
     tracing::info!(dir = SANDBOX_DIR, "no configuration: running the sandbox");
-    config::sandbox(Path::new(SANDBOX_DIR)).context("preparing the sandbox")
+    reimage_agent::sandbox::sandbox(Path::new(SANDBOX_DIR)).context("preparing the sandbox")
 }

@@ -1,25 +1,22 @@
 //! The one-line error, `<context>: <code>: <message>`, and the exit status.
 
-use reimage_protocol::ClientError;
+use reimage_protocol::{ClientError, ErrorCode};
 use std::process::ExitCode;
-
-/// The code of a Ctrl-C: exit status 130, as shells report SIGINT.
-pub const INTERRUPTED: &str = "Interrupted";
 
 /// A failure of `reimagectl` itself (arguments, files, a rollout that did
 /// not succeed), with a stable code like the API's.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct CliError {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl CliError {
     /// An error with `code` and `message`.
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         CliError {
-            code: code.into(),
+            code,
             message: message.into(),
         }
     }
@@ -47,7 +44,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     let interrupted = err
         .chain()
         .filter_map(|c| c.downcast_ref::<CliError>())
-        .any(|e| e.code == INTERRUPTED);
+        .any(|e| e.code == ErrorCode::Interrupted);
     if interrupted {
         ExitCode::from(130)
     } else {
@@ -65,7 +62,7 @@ mod tests {
     fn the_line_is_context_code_message() {
         let err: anyhow::Result<()> = Err(ClientError::Api {
             status: 409,
-            body: ErrorBody::new("NodeBeingReimaged", "the node is reimaging"),
+            body: ErrorBody::new(ErrorCode::NodeBeingReimaged, "the node is reimaging"),
         }
         .into());
         let err = err.context("reboot on http://n1:7480").expect_err("error");
@@ -74,7 +71,8 @@ mod tests {
             "reboot on http://n1:7480: NodeBeingReimaged: the node is reimaging"
         );
         assert_eq!(exit_code(&err), ExitCode::FAILURE);
-        let err = anyhow::Error::from(CliError::new(INTERRUPTED, "stopped")).context("reimage");
+        let err = anyhow::Error::from(CliError::new(ErrorCode::Interrupted, "stopped"))
+            .context("reimage");
         assert_eq!(error_line(&err), "reimage: Interrupted: stopped");
         assert_eq!(exit_code(&err), ExitCode::from(130));
     }

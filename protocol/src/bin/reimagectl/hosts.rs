@@ -1,6 +1,7 @@
 //! Which agents to talk to: `--agent URL`s, then the lines of `--hosts FILE`.
 
 use crate::error::CliError;
+use reimage_protocol::ErrorCode;
 use reimage_protocol::client::parse_base_url;
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,19 +13,19 @@ pub fn agents(flags: &[String], hosts: Option<&Path>) -> Result<Vec<String>, Cli
     let mut named: Vec<(String, String)> = Vec::new();
     for flag in flags {
         let url = parse_base_url(flag)
-            .map_err(|e| CliError::new("InvalidArgument", format!("--agent: {e}")))?;
+            .map_err(|e| CliError::new(ErrorCode::InvalidArgument, format!("--agent: {e}")))?;
         named.push((url, format!("--agent {flag}")));
     }
     if let Some(path) = hosts {
         let text = std::fs::read_to_string(path).map_err(|e| {
             CliError::new(
-                "InvalidHostsFile",
+                ErrorCode::InvalidHostsFile,
                 format!("reading {}: {e}", path.display()),
             )
         })?;
         let parsed = parse_hosts(&text).map_err(|(line, why)| {
             CliError::new(
-                "InvalidHostsFile",
+                ErrorCode::InvalidHostsFile,
                 format!("{} line {line}: {why}", path.display()),
             )
         })?;
@@ -36,7 +37,7 @@ pub fn agents(flags: &[String], hosts: Option<&Path>) -> Result<Vec<String>, Cli
     for (url, origin) in &named {
         if let Some(earlier) = first_seen.insert(url, origin) {
             return Err(CliError::new(
-                "InvalidArgument",
+                ErrorCode::InvalidArgument,
                 format!("{url} is named twice ({earlier} and {origin})"),
             ));
         }

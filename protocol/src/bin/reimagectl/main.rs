@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use error::CliError;
 use output::Format;
 use reimage_protocol::Client;
+use reimage_protocol::ErrorCode;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -128,7 +129,7 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
             let token = text.trim().to_string();
             if token.is_empty() {
                 return Err(CliError::new(
-                    "InvalidArgument",
+                    ErrorCode::InvalidArgument,
                     format!("the token file {} is empty", path.display()),
                 )
                 .into());
@@ -147,7 +148,7 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
 fn fleet(agents: &[String], token: Option<String>) -> anyhow::Result<Vec<Client>> {
     let Some(first) = agents.first() else {
         return Err(CliError::new(
-            "InvalidArgument",
+            ErrorCode::InvalidArgument,
             "no agent: give --agent URL or --hosts FILE",
         )
         .into());
@@ -168,7 +169,7 @@ fn fleet(agents: &[String], token: Option<String>) -> anyhow::Result<Vec<Client>
 fn one_agent(agents: &[String], token: Option<String>, command: &str) -> anyhow::Result<Client> {
     if agents.len() > 1 {
         return Err(CliError::new(
-            "InvalidArgument",
+            ErrorCode::InvalidArgument,
             format!(
                 "`{command}` talks to one agent and {} were given; name one with --agent URL",
                 agents.len()
@@ -179,5 +180,5 @@ fn one_agent(agents: &[String], token: Option<String>, command: &str) -> anyhow:
     let mut clients = fleet(agents, token)?;
     clients
         .pop()
-        .ok_or_else(|| CliError::new("InvalidArgument", "no agent").into())
+        .ok_or_else(|| CliError::new(ErrorCode::InvalidArgument, "no agent").into())
 }

@@ -3,6 +3,7 @@
 use crate::error::CliError;
 use crate::output::{self, Format, Table};
 use anyhow::Context;
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{Node, OperationError};
 use reimage_protocol::{Client, ClientError};
 use serde::Serialize;
@@ -57,7 +58,7 @@ pub async fn run(fleet: &[Client], format: Format) -> anyhow::Result<()> {
                     agent: agent.clone(),
                     node: answer.as_ref().ok().cloned(),
                     error: answer.as_ref().err().map(|e| OperationError {
-                        code: e.code().to_string(),
+                        code: e.code(),
                         message: e.to_string(),
                     }),
                 })
@@ -69,7 +70,7 @@ pub async fn run(fleet: &[Client], format: Format) -> anyhow::Result<()> {
     let unread = answers.iter().filter(|(_, a)| a.is_err()).count();
     if unread > 0 {
         return Err(CliError::new(
-            "NodesUnreachable",
+            ErrorCode::NodesUnreachable,
             format!("{unread} of {} agent(s) did not answer", answers.len()),
         )
         .into());

@@ -4,6 +4,7 @@ use crate::error::CliError;
 use crate::output::{self, Format};
 use crate::progress::Progress;
 use anyhow::Context;
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::OperationStatus;
 use reimage_protocol::{Client, WaitEvent};
 use std::time::Duration;
@@ -70,7 +71,7 @@ impl OpCommand {
                     (_, Some(error)) => Err(CliError::new(error.code, error.message))
                         .context(format!("operation {id} on {agent} failed")),
                     (status, None) => Err(CliError::new(
-                        "OperationFailed",
+                        ErrorCode::OperationFailed,
                         format!("the operation ended {status:?}"),
                     ))
                     .context(format!("operation {id} on {agent}")),

@@ -2,11 +2,12 @@
 //! nodes in flight, no new node once `--max-failures` have failed, Ctrl-C
 //! stops starting nodes, and a summary of every node at the end.
 
-use crate::error::{CliError, INTERRUPTED};
+use crate::error::CliError;
 use crate::output::{self, Format, Table};
 use crate::progress::{NodeProgress, Progress};
 use anyhow::Context;
 use jiff::Timestamp;
+use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
     ImageSpec, NodeReimageOption, Operation, OperationError, OperationStatus, ReimageRequest,
 };
@@ -243,7 +244,7 @@ impl NodeReport {
 
     fn with_error(mut self, err: &ClientError) -> Self {
         self.error = Some(OperationError {
-            code: err.code().to_string(),
+            code: err.code(),
             message: err.to_string(),
         });
         self
@@ -321,7 +322,7 @@ impl Summary {
     fn verdict(&self) -> anyhow::Result<()> {
         if self.interrupted {
             return Err(CliError::new(
-                INTERRUPTED,
+                ErrorCode::Interrupted,
                 format!(
                     "stopped by Ctrl-C with {} node(s) in flight (their operations go on; \
                      follow them with `reimagectl op wait`) and {} skipped",
@@ -340,7 +341,7 @@ impl Summary {
                 .context(format!("{} on {}", self.action, node.agent));
         }
         Err(CliError::new(
-            "RolloutFailed",
+            ErrorCode::RolloutFailed,
             format!(
                 "{} of {} node(s) failed, {} skipped",
                 self.failed,

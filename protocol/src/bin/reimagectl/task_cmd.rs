@@ -155,7 +155,7 @@ fn show(tasks: &[Task], format: Format) -> anyhow::Result<()> {
             output::or_dash(info.exit_code.map(|c| c.to_string())),
             info.requeue_count.to_string(),
             output::time(task.creation_time),
-            output::or_dash(info.failure_info.as_ref().map(|f| f.code.clone())),
+            output::or_dash(info.failure_info.as_ref().map(|f| f.code.to_string())),
             task.command_line.clone(),
         ]);
     }

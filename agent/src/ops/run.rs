@@ -1,0 +1,341 @@
+//! Running an operation to its end: the task policy, the write (direct, or
+//! staged for the shutdown handoff), the reboot, and the record of how it
+//! ended, which is kept: a finished operation still says what it wrote.
+
+use super::image_choice::{self, ImageChoice};
+use super::record::NodeRecord;
+use super::{Agent, Table};
+use crate::handoff::prepare::{self, InPlaceRequest};
+use crate::image::http::HttpOptions;
+use crate::pipeline::{self, ImageRequest, WriteFailure, WriteRequest};
+use crate::reboot::{self, RebootMethod};
+use crate::tasks::StopMode;
+use jiff::Timestamp;
+use reimage_protocol::api::{
+    ImageRef, NameValuePair, NodeError, NodeReimageOption, OperationError, OperationKind,
+    OperationProgress, OperationStatus,
+};
+use reimage_protocol::{ErrorCode, Phase, WriteProgress};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a finished write leaves in the operation's record.
+pub(super) struct Written {
+    pub image: ImageRef,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Written {
+    /// The record's progress: what was written in all, at what average rate.
+    pub fn progress(&self) -> OperationProgress {
+        let seconds = self.elapsed.as_secs_f64();
+        OperationProgress {
+            bytes_written: self.bytes,
+            total_bytes: Some(self.bytes),
+            bytes_per_second: if seconds > 0.0 {
+                (self.bytes as f64 / seconds) as u64
+            } else {
+                0
+            },
+        }
+    }
+}
+
+impl Agent {
+    /// Runs operation `id` to its end.
+    pub(super) async fn run(self: Arc<Self>, id: String) {
+        let outcome = self.drive(&id).await;
+        if let Err(failure) = outcome
+            && let Err(err) = self.fail(
+                &id,
+                failure.error.code(),
+                &failure.error.to_string(),
+                failure.disk_touched,
+            )
+        {
+            tracing::error!(operation = %id, %err, "could not record the failure");
+        }
+    }
+
+    async fn drive(self: &Arc<Self>, id: &str) -> Result<(), WriteFailure> {
+        let record = self
+            .lock()
+            .operations
+            .get(id)
+            .cloned()
+            .ok_or_else(|| crate::Error::InvalidArgument(format!("operation {id} vanished")))?;
+        self.apply_task_policy(id, record.operation.node_reimage_option)
+            .await?;
+        if record.operation.kind == OperationKind::Reimage {
+            let request = record
+                .request
+                .clone()
+                .ok_or_else(|| crate::Error::InvalidArgument("reimage without a request".into()))?;
+            // Checked again: the configured image may have changed with a
+            // restart, and the request was accepted under the old config.
+            let image = image_choice::choose(&self.config, &request)
+                .map_err(|refusal| crate::Error::InvalidArgument(refusal.to_string()))?;
+            let written = self.write(id, image).await?;
+            // The agent that confirms it may be the next boot's.
+            self.update_node(|node| node.pending_image = Some(written.image.clone()))?;
+            self.update(id, |op| {
+                op.progress = written.progress();
+                op.image = Some(written.image);
+            })?;
+        }
+        self.reboot_now(id).await?;
+        Ok(())
+    }
+
+    /// Applies the operation's policy to the tasks on the node.
+    async fn apply_task_policy(&self, id: &str, option: NodeReimageOption) -> crate::Result<()> {
+        match option {
+            NodeReimageOption::Requeue => {
+                let stopped = self.tasks.stop_running(StopMode::Requeue).await;
+                self.update(id, |op| op.requeued_tasks = stopped)?;
+            }
+            NodeReimageOption::Terminate => {
+                let stopped = self.tasks.stop_running(StopMode::Terminate).await;
+                self.update(id, |op| op.terminated_tasks = stopped)?;
+            }
+            NodeReimageOption::TaskCompletion | NodeReimageOption::RetainedData => {
+                self.tasks.set_accepting(false);
+                self.set_phase(id, Phase::WaitingForTasks)?;
+                self.tasks.wait_idle().await;
+                if option == NodeReimageOption::RetainedData {
+                    self.set_phase(id, Phase::WaitingForRetention)?;
+                    self.tasks.wait_retention_expired().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams, verifies and writes the image (on a blocking thread), with
+    /// the pipeline's phases and progress shown in the operation.
+    async fn write(
+        self: &Arc<Self>,
+        id: &str,
+        image: ImageChoice,
+    ) -> Result<Written, WriteFailure> {
+        self.set_phase(id, Phase::Downloading)?;
+        let agent = Arc::clone(self);
+        let op_id = id.to_string();
+        let job = tokio::task::spawn_blocking(move || {
+            let config = &agent.config;
+            let http = HttpOptions {
+                url_policy: config.image.allowed_urls.http_policy(),
+                ..HttpOptions::default()
+            };
+            let request = image.resolve(config, &http)?;
+            let name = image.name();
+            if let Some(sha256) = &request.sha256 {
+                let expected = ImageRef {
+                    name: name.clone(),
+                    sha256: sha256.clone(),
+                };
+                agent.update(&op_id, |op| op.image = Some(expected))?;
+            }
+            let disk = &config.disk;
+            let busy = crate::disk::busy::users_of(&disk.target).unwrap_or_default();
+            if !busy.is_empty() {
+                return agent.stage_in_place(&op_id, name, request, http, &busy);
+            }
+            let write = WriteRequest {
+                image: request,
+                target: disk.target.clone(),
+                save: disk.save_spec(),
+                read_back: true,
+                http,
+                beside_mounts: Vec::new(),
+            };
+            let report = pipeline::write_image(&write, &mut |p| agent.progress(&op_id, p))?;
+            Ok::<_, WriteFailure>(Written {
+                image: ImageRef {
+                    name,
+                    sha256: report.sha256,
+                },
+                bytes: report.size,
+                elapsed: report.elapsed,
+            })
+        });
+        job.await.map_err(|e| {
+            WriteFailure::from(crate::Error::io(
+                "running the write",
+                std::io::Error::other(e),
+            ))
+        })?
+    }
+
+    /// The target holds the running system (or something else mounted):
+    /// stage and verify the image now, and install the shutdown handoff
+    /// that writes it during the reboot.
+    fn stage_in_place(
+        &self,
+        id: &str,
+        name: String,
+        image: ImageRequest,
+        http: HttpOptions,
+        busy: &[String],
+    ) -> Result<Written, WriteFailure> {
+        tracing::info!(operation = %id, users = ?busy, "the target is in use: in-place reimage through the shutdown handoff");
+        let started = std::time::Instant::now();
+        let disk = &self.config.disk;
+        let request = InPlaceRequest {
+            operation_id: id.to_string(),
+            image,
+            http,
+            target: disk.target.clone(),
+            save: disk.save_spec(),
+            state_dir: self.config.agent.state_dir.clone(),
+            staging: disk.staging,
+            reboot: self.config.reboot.method,
+        };
+        let prepared = prepare::stage(&request, busy, &mut |p| self.progress(id, p))?;
+        // Noted before the install: an agent that restarts from here on
+        // knows a handoff may be in place and removes it.
+        self.update_record(id, |record| record.handoff = true)?;
+        if let Err(err) = prepare::install(&prepared.plan_path, &self.config.agent.state_dir) {
+            self.cancel_handoff(id);
+            return Err(err.into());
+        }
+        Ok(Written {
+            image: ImageRef {
+                name,
+                sha256: prepared.staged.sha256,
+            },
+            bytes: prepared.staged.size,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Shows the pipeline's progress in the operation. Phases are persisted
+    /// (recovery depends on them); byte counts are shown live and persisted
+    /// with the next phase.
+    pub(super) fn progress(&self, id: &str, progress: &WriteProgress) {
+        let mut state = self.lock();
+        let Some(record) = state.operations.get_mut(id) else {
+            return;
+        };
+        let phase_changed =
+            progress.phase != Phase::Done && record.operation.phase != Some(progress.phase);
+        if progress.phase != Phase::Done {
+            record.operation.phase = Some(progress.phase);
+        }
+        record.operation.progress = OperationProgress {
+            bytes_written: progress.bytes_written,
+            total_bytes: progress.total_bytes,
+            bytes_per_second: progress.bytes_per_second,
+        };
+        record.operation.updated_at = Timestamp::now();
+        if phase_changed && let Err(err) = self.store.put(Table::Operations, id, &*record) {
+            tracing::warn!(operation = %id, %err, "could not persist the phase");
+        }
+    }
+
+    /// Records the boot the reboot leaves from, then reboots by the
+    /// configured method. With `none` the new image is confirmed at once.
+    async fn reboot_now(self: &Arc<Self>, id: &str) -> crate::Result<()> {
+        let boot_id = self.boot_id.clone();
+        self.update_record(id, |record| record.boot_id = Some(boot_id))?;
+        self.set_phase(id, Phase::Rebooting)?;
+        let method = self.config.reboot.method;
+        if method == RebootMethod::None {
+            return self.confirm(id);
+        }
+        crate::service::notify_status("rebooting into the new image");
+        let rebooted = tokio::task::spawn_blocking(move || reboot::reboot(method))
+            .await
+            .map_err(|e| crate::Error::io("rebooting", std::io::Error::other(e)))?;
+        let handoff = self.lock().operations.get(id).is_some_and(|r| r.handoff);
+        if rebooted.is_err() && handoff {
+            // No reboot now must not mean a surprise write at a later one.
+            self.cancel_handoff(id);
+        }
+        rebooted
+    }
+
+    /// The node is up on its new image (or after its reboot): the operation
+    /// succeeded, held tasks may run again.
+    pub(super) fn confirm(&self, id: &str) -> crate::Result<()> {
+        self.set_phase(id, Phase::Confirming)?;
+        self.update_node(|node| {
+            if let Some(image) = node.pending_image.take() {
+                node.image = Some(image);
+            }
+            node.unusable = false;
+            node.last_failure = None;
+        })?;
+        self.end(id, OperationStatus::Succeeded, |op| {
+            op.phase = Some(Phase::Done)
+        })?;
+        tracing::info!(operation = %id, "operation succeeded");
+        Ok(())
+    }
+
+    /// Records a failure, in the operation and on the node. A disk that was
+    /// touched holds only the saved partitions: the node is `unusable`, and
+    /// names no image, until a reimage succeeds.
+    pub(super) fn fail(
+        &self,
+        id: &str,
+        code: ErrorCode,
+        message: &str,
+        disk_touched: bool,
+    ) -> crate::Result<()> {
+        tracing::warn!(operation = %id, %code, message, "operation failed");
+        let error = NodeError {
+            code: code.clone(),
+            message: message.to_string(),
+            error_details: vec![NameValuePair {
+                name: "operationId".into(),
+                value: id.to_string(),
+            }],
+        };
+        self.update_node(|node: &mut NodeRecord| {
+            if disk_touched {
+                node.unusable = true;
+                node.image = None;
+                node.pending_image = None;
+            }
+            node.last_failure = Some(error);
+        })?;
+        self.end(id, OperationStatus::Failed, |op| {
+            op.error = Some(OperationError {
+                code,
+                message: message.to_string(),
+            });
+        })
+    }
+
+    /// Ends operation `id` with `status`: its end time and duration are
+    /// recorded with `change`, and the node takes tasks again.
+    fn end(
+        &self,
+        id: &str,
+        status: OperationStatus,
+        change: impl FnOnce(&mut reimage_protocol::api::Operation),
+    ) -> crate::Result<()> {
+        let ended = Timestamp::now();
+        let recorded = self.update(id, |op| {
+            op.status = status;
+            op.ended_at = Some(ended);
+            op.duration_seconds = Some(ended.duration_since(op.created_at).as_secs_f64().max(0.0));
+            change(op);
+        });
+        {
+            let mut state = self.lock();
+            if state.current.as_deref() == Some(id) {
+                state.current = None;
+            }
+        }
+        self.tasks.set_accepting(true);
+        self.tasks.set_hold(false);
+        recorded
+    }
+
+    pub(super) fn set_phase(&self, id: &str, phase: Phase) -> crate::Result<()> {
+        self.update(id, |op| op.phase = Some(phase))
+    }
+}
