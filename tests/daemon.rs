@@ -239,6 +239,216 @@ fn a_bad_image_fails_the_operation_and_keeps_local_storage() {
 }
 
 #[test]
+fn a_finished_operation_keeps_the_record_of_what_it_wrote() {
+    let node = node();
+    let op = node.reimage("requeue");
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(done["phase"], "done");
+    let size = 16u64 << 20;
+    assert_eq!(done["progress"]["bytesWritten"], size, "{done}");
+    assert_eq!(done["progress"]["totalBytes"], size, "{done}");
+    assert!(
+        done["progress"]["bytesPerSecond"].as_u64() > Some(0),
+        "an average rate: {done}"
+    );
+    assert_eq!(done["image"]["sha256"], node.image_sha.as_str(), "{done}");
+    assert_eq!(done["image"]["name"], "os.img.zst", "{done}");
+    let created: jiff::Timestamp = done["createdAt"]
+        .as_str()
+        .expect("created")
+        .parse()
+        .expect("time");
+    let ended: jiff::Timestamp = done["endedAt"]
+        .as_str()
+        .expect("ended")
+        .parse()
+        .expect("time");
+    assert!(ended >= created, "{done}");
+    let seconds = done["durationSeconds"].as_f64().expect("duration");
+    let between = ended.duration_since(created).as_secs_f64();
+    assert!((seconds - between).abs() < 0.01, "{seconds} vs {between}");
+}
+
+#[test]
+fn a_failed_write_clears_the_node_image_and_names_the_failure() {
+    let node = node();
+    let op = node.reimage("requeue");
+    node.daemon.wait_operation(&op);
+    assert_eq!(
+        node.daemon.get("/v1/node")["image"]["sha256"],
+        node.image_sha.as_str()
+    );
+    let body = json!({
+        "image": {"url": node.server.url("/os.img.zst"), "sha256": "0".repeat(64)},
+    });
+    let (status, body) = node.daemon.post("/v1/node/reimage", ADMIN, body);
+    assert_eq!(status, 202, "{body}");
+    let failed_id = body["id"].as_str().expect("id").to_string();
+    let done = node.daemon.wait_operation(&failed_id);
+    assert_eq!(done["status"], "Failed", "{done}");
+    assert_eq!(done["phase"], "downloading", "where it failed: {done}");
+    assert!(done["endedAt"].is_string(), "{done}");
+    let info = node.daemon.get("/v1/node");
+    assert_eq!(info["state"], "unusable", "{info}");
+    assert_eq!(
+        info["image"],
+        Value::Null,
+        "the disk holds no image: {info}"
+    );
+    assert_eq!(info["errors"][0]["code"], "ImageChecksumMismatch", "{info}");
+    assert_eq!(
+        info["errors"][0]["errorDetails"],
+        json!([{"name": "operationId", "value": failed_id}])
+    );
+    node.assert_storage_intact();
+    // Recovered by the next reimage, which clears the errors.
+    let op = node.reimage("requeue");
+    assert_eq!(node.daemon.wait_operation(&op)["status"], "Succeeded");
+    let info = node.daemon.get("/v1/node");
+    assert_eq!(info["errors"], json!([]), "{info}");
+    assert_eq!(info["image"]["sha256"], node.image_sha.as_str());
+}
+
+#[test]
+fn request_bodies_must_be_json_objects_and_change_nothing_otherwise() {
+    let node = node();
+    for (path, body) in [
+        ("/v1/node/reimage", r#"["terminate"]"#),
+        ("/v1/node/reimage", "[]"),
+        ("/v1/node/reboot", "7"),
+        ("/v1/node/disablescheduling", r#""terminate""#),
+        ("/v1/tasks", "null"),
+        ("/v1/tasks", r#"["t", "true"]"#),
+        (
+            "/pools/p/nodes/node-1/reimage?api-version=2024-07-01.20.0",
+            r#"["terminate"]"#,
+        ),
+    ] {
+        let (status, _, answer) = node.daemon.request_raw(
+            Method::POST,
+            path,
+            Some(ADMIN),
+            body,
+            &[("content-type", "application/json")],
+        );
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        let code = answer["code"].as_str().unwrap_or_default();
+        assert!(
+            code == "InvalidRequestBody" || code == "MissingRequestBody",
+            "{path} {body}: {answer}"
+        );
+    }
+    assert_eq!(node.daemon.get("/v1/operations")["value"], json!([]));
+    assert_eq!(node.daemon.get("/v1/tasks")["value"], json!([]));
+    assert_eq!(node.daemon.get("/v1/node")["schedulingState"], "enabled");
+    // `null` is an empty body where the body is optional.
+    let (status, _, answer) = node.daemon.request_raw(
+        Method::POST,
+        "/v1/node/disablescheduling",
+        Some(ADMIN),
+        "null",
+        &[("content-type", "application/json")],
+    );
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn a_client_request_id_replays_only_the_same_request() {
+    let node = node();
+    let id = [("client-request-id", "shared-id")];
+    let (status, _, reboot) = node.daemon.request(
+        Method::POST,
+        "/v1/node/reboot",
+        Some(ADMIN),
+        Some(json!({"nodeRebootOption": "requeue"})),
+        &id,
+    );
+    assert_eq!(status, 202, "{reboot}");
+    node.daemon
+        .wait_operation(reboot["id"].as_str().expect("id"));
+    let (status, _, answer) = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(node.reimage_body("requeue")),
+        &id,
+    );
+    assert_eq!(status, 409, "a reimage under a reboot's id: {answer}");
+    assert_eq!(answer["code"], "RequestIdConflict");
+
+    let other = [("client-request-id", "reimage-id")];
+    let (status, _, first) = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(node.reimage_body("terminate")),
+        &other,
+    );
+    assert_eq!(status, 202, "{first}");
+    node.daemon
+        .wait_operation(first["id"].as_str().expect("id"));
+    let (status, _, answer) = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(node.reimage_body("requeue")),
+        &other,
+    );
+    assert_eq!(status, 409, "another body under the same id: {answer}");
+    assert_eq!(answer["code"], "RequestIdConflict");
+    // The same body in another spelling is the same request.
+    let mut respelled = node.reimage_body("terminate");
+    respelled["nodeReimageOption"] = json!("Terminate");
+    let (status, _, again) = node.daemon.request(
+        Method::POST,
+        "/v1/node/reimage",
+        Some(ADMIN),
+        Some(respelled),
+        &other,
+    );
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    let ops = node.daemon.get("/v1/operations");
+    assert_eq!(ops["value"].as_array().map(Vec::len), Some(2), "{ops}");
+}
+
+#[test]
+fn request_images_must_be_urls_and_local_files_must_be_allowed() {
+    let node = node();
+    for url in ["/etc/hostname", "os.img", "file:///etc/hostname"] {
+        let body = json!({"image": {"url": url, "sha256": "ab".repeat(32)}});
+        let (status, answer) = node.daemon.post("/v1/node/reimage", ADMIN, body);
+        assert_eq!(status, 400, "{url}: {answer}");
+        assert_eq!(answer["code"], "InvalidImageUrl", "{url}: {answer}");
+    }
+    let body = json!({"manifestUrl": "/etc/reimage/os.manifest.json"});
+    let (status, answer) = node.daemon.post("/v1/node/reimage", ADMIN, body);
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(node.daemon.get("/v1/operations")["value"], json!([]));
+
+    // With allow_local_files, file:// is taken, and a missing file is a
+    // download failure naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    target_disk(&dir.path().join("disk.img"), 64, 16, 43);
+    let open = Daemon::start(&write_config(
+        dir.path(),
+        "
+[image]
+allow_local_files = true
+",
+    ));
+    let missing = dir.path().join("missing.img.zst");
+    let body = json!({"image": {"url": format!("file://{}", missing.display()), "sha256": "ab".repeat(32)}});
+    let (status, answer) = open.post("/v1/node/reimage", ADMIN, body);
+    assert_eq!(status, 202, "{answer}");
+    let done = open.wait_operation(answer["id"].as_str().expect("id"));
+    assert_eq!(done["error"]["code"], "DownloadFailed", "{done}");
+    let message = done["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("missing.img.zst"), "{message}");
+}
+
+#[test]
 fn the_same_client_request_id_returns_the_same_operation() {
     let node = node();
     let headers = [("client-request-id", "retry-1")];
@@ -747,6 +957,31 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
         "POST",
         "/pools/p/nodes/node-1/reimage?api-version=2024-07-01.20.0",
         Some("admin"),
+    ),
+    (
+        "POST",
+        "/pools/p/nodes/node-1/reboot?api-version=2024-07-01.20.0",
+        Some("admin"),
+    ),
+    (
+        "POST",
+        "/pools/p/nodes/node-1/disablescheduling?api-version=2024-07-01.20.0",
+        Some("operator"),
+    ),
+    (
+        "POST",
+        "/pools/p/nodes/node-1/enablescheduling?api-version=2024-07-01.20.0",
+        Some("operator"),
+    ),
+    (
+        "GET",
+        "/pools/p/nodes/node-1?api-version=2024-07-01.20.0",
+        Some("reader"),
+    ),
+    (
+        "GET",
+        "/pools/p/nodes?api-version=2024-07-01.20.0",
+        Some("reader"),
     ),
     ("GET", "/healthz", None),
 ];

@@ -326,7 +326,13 @@ fn batch_reimage_is_accepted_in_the_batch_shape_and_keeps_local_storage() {
     assert!(!request_id.is_empty());
     assert_eq!(
         answer.header("DataServiceId"),
-        Some("/pools/fleet-pool/nodes/node-1")
+        Some(format!("{}/pools/fleet-pool/nodes/node-1", node.daemon.url).as_str())
+    );
+    assert!(answer.header("ETag").is_some_and(|e| e.starts_with('"')));
+    assert!(
+        answer
+            .header("Last-Modified")
+            .is_some_and(|d| d.ends_with("GMT"))
     );
     assert_eq!(
         answer.header("client-request-id"),
@@ -354,6 +360,170 @@ fn batch_reimage_is_accepted_in_the_batch_shape_and_keeps_local_storage() {
             .map(Vec::len),
         Some(1)
     );
+}
+
+impl Node {
+    /// A Batch request without a body, as the SDKs send GETs.
+    fn batch(&self, method: Method, path: &str, token: &str, body: &str) -> Answer {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        self.send(
+            method,
+            &format!("{path}{separator}api-version={BATCH_API_VERSION}"),
+            Some(token),
+            &[("content-type", "application/json; odata=minimalmetadata")],
+            body,
+        )
+    }
+
+    fn compute_node(&self) -> Answer {
+        let answer = self.batch(Method::GET, "/pools/fleet-pool/nodes/node-1", READER, "");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answer
+    }
+}
+
+#[test]
+fn the_node_is_served_in_the_batch_compute_node_shape() {
+    let node = node();
+    let answer = node.compute_node();
+    let body = answer.json();
+    assert_eq!(body["id"], "node-1");
+    assert_eq!(
+        body["url"],
+        format!("{}/pools/fleet-pool/nodes/node-1", node.daemon.url).as_str()
+    );
+    assert_eq!(body["state"], "idle");
+    assert_eq!(body["schedulingState"], "enabled");
+    for field in [
+        "totalTasksRun",
+        "runningTasksCount",
+        "runningTaskSlotsCount",
+        "totalTasksSucceeded",
+    ] {
+        assert_eq!(body[field], 0, "{field}: {body}");
+    }
+    assert_eq!(body["isDedicated"], true);
+    assert_eq!(body["errors"], json!([]));
+    assert!(body["nodeAgentInfo"]["version"].is_string(), "{body}");
+    assert!(
+        body["nodeAgentInfo"]["lastUpdateTime"].is_string(),
+        "{body}"
+    );
+    assert!(body["stateTransitionTime"].is_string(), "{body}");
+    let etag = answer.header("ETag").expect("ETag").to_string();
+    let modified = answer.header("Last-Modified").expect("Last-Modified");
+    jiff::fmt::rfc2822::parse(modified).unwrap_or_else(|e| panic!("{modified}: {e}"));
+    assert_eq!(
+        node.compute_node().header("ETag"),
+        Some(etag.as_str()),
+        "unchanged node, same ETag"
+    );
+
+    let list = node.batch(Method::GET, "/pools/fleet-pool/nodes", READER, "");
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(list.json()["value"][0]["id"], "node-1");
+
+    let other = node.batch(Method::GET, "/pools/fleet-pool/nodes/node-2", READER, "");
+    assert_eq!(other.status, 404, "{}", other.body);
+    assert_eq!(other.json()["code"], "NodeNotFound");
+    let unversioned = node.send(Method::GET, "/pools/p/nodes/node-1", Some(READER), &[], "");
+    assert_eq!(unversioned.status, 400, "{}", unversioned.body);
+    assert_eq!(unversioned.json()["code"], "MissingRequiredQueryParameter");
+    let filtered = node.batch(
+        Method::GET,
+        "/pools/p/nodes?$filter=state%20eq%20'idle'",
+        READER,
+        "",
+    );
+    assert_eq!(filtered.status, 400, "{}", filtered.body);
+    assert_eq!(filtered.json()["code"], "InvalidQueryParameterValue");
+
+    // Scheduling through the Batch routes, with Batch's spelling.
+    let disabled = node.batch(
+        Method::POST,
+        "/pools/fleet-pool/nodes/node-1/disablescheduling",
+        ADMIN,
+        r#"{"nodeDisableSchedulingOption":"taskCompletion"}"#,
+    );
+    assert_eq!(disabled.status, 200, "{}", disabled.body);
+    assert!(disabled.header("DataServiceId").is_some());
+    let after = node.compute_node();
+    assert_eq!(after.json()["schedulingState"], "disabled");
+    assert_ne!(
+        after.header("ETag"),
+        Some(etag.as_str()),
+        "a change, a new ETag"
+    );
+    assert_eq!(disabled.header("ETag"), after.header("ETag"));
+    let enabled = node.batch(
+        Method::POST,
+        "/pools/fleet-pool/nodes/node-1/enablescheduling",
+        ADMIN,
+        "",
+    );
+    assert_eq!(enabled.status, 200, "{}", enabled.body);
+    assert_eq!(node.compute_node().json()["schedulingState"], "enabled");
+
+    let reboot = node.batch(
+        Method::POST,
+        "/pools/fleet-pool/nodes/node-1/reboot",
+        ADMIN,
+        r#"{"nodeRebootOption":"Requeue"}"#,
+    );
+    assert_eq!(reboot.status, 202, "{}", reboot.body);
+    let id = reboot.header("request-id").expect("request-id");
+    let done = node.daemon.wait_operation(id);
+    assert_eq!(done["kind"], "reboot");
+    assert_eq!(done["status"], "Succeeded", "{done}");
+}
+
+#[test]
+fn a_batch_node_reads_reimaging_until_its_operation_has_ended() {
+    let node = node();
+    let (status, task) = node.daemon.post(
+        "/v1/tasks",
+        ADMIN,
+        json!({"id": "draining", "commandLine": "sleep 2"}),
+    );
+    assert_eq!(status, 201, "{task}");
+    node.daemon
+        .wait_for("the task running", "/v1/tasks/draining", |t| {
+            t["state"] == "running"
+        });
+    let answer = node.batch_reimage(
+        "node-1",
+        &guid(),
+        r#"{"nodeReimageOption":"taskCompletion"}"#,
+    );
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let op = answer.header("request-id").expect("request-id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut polls_while_reimaging = 0;
+    loop {
+        // The node first, then the operation: a node that no longer reads
+        // reimaging must have an operation that already ended.
+        let state = node.compute_node().json()["state"].clone();
+        let operation = node.daemon.get(&format!("/v1/operations/{op}"));
+        if state != "reimaging" {
+            assert_ne!(
+                operation["status"], "InProgress",
+                "{state} while {operation}"
+            );
+            assert_eq!(operation["status"], "Succeeded", "{operation}");
+            break;
+        }
+        polls_while_reimaging += 1;
+        assert!(Instant::now() < deadline, "still reimaging: {operation}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(polls_while_reimaging > 3, "the wait for the task was seen");
+    let task = node.daemon.get("/v1/tasks/draining");
+    assert_eq!(
+        task["state"], "completed",
+        "the task ran to its end: {task}"
+    );
+    assert_eq!(node.compute_node().json()["totalTasksSucceeded"], 1);
+    node.assert_reimaged_with_storage_intact();
 }
 
 #[test]

@@ -71,6 +71,7 @@ impl Daemon {
         let router = api::router(ApiState {
             agent: Arc::clone(&agent),
             tokens: Arc::new(config.api.tokens.clone()),
+            scheme: if tls.is_some() { "https" } else { "http" },
         });
         Ok(Daemon {
             agent,

@@ -4,6 +4,7 @@
 //! built on.
 
 pub mod api;
+pub mod batch;
 pub mod client;
 pub mod error_code;
 pub mod manifest;

@@ -188,7 +188,7 @@ impl Daemon {
         child.wait().expect("agent exits")
     }
 
-    /// A request with `token` (None: no Authorization header).
+    /// A request with `token` (None: no Authorization header) and a JSON body.
     pub fn request(
         &self,
         method: reqwest::Method,
@@ -198,11 +198,37 @@ impl Daemon {
         headers: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.url));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
         if let Some(body) = body {
             request = request.json(&body);
+        }
+        self.send(request, token, headers)
+    }
+
+    /// A request whose body is `body` exactly, with no content type but
+    /// what `headers` name.
+    pub fn request_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let request = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .body(body.to_string());
+        self.send(request, token, headers)
+    }
+
+    fn send(
+        &self,
+        mut request: reqwest::blocking::RequestBuilder,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
         }
         for (name, value) in headers {
             request = request.header(*name, *value);

@@ -88,7 +88,8 @@ pub fn role_for_token(tokens: &[Token], presented: &str) -> Option<Role> {
 }
 
 /// The role a request needs: reading needs `reader`; tasks and scheduling
-/// `operator`; reimage and reboot `admin`. `None` for the open health check.
+/// `operator`; reimage and reboot `admin` (the Batch routes as their v1
+/// twins). `None` for the open health check.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if path == "/healthz" {
         return None;
@@ -96,9 +97,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if method == Method::GET || method == Method::HEAD {
         return Some(Role::Reader);
     }
+    let scheduling = path.ends_with("/disablescheduling") || path.ends_with("/enablescheduling");
     let operator = path.starts_with("/v1/tasks")
-        || path == "/v1/node/disablescheduling"
-        || path == "/v1/node/enablescheduling";
+        || (scheduling && (path.starts_with("/v1/node/") || path.starts_with("/pools/")));
     Some(if operator {
         Role::Operator
     } else {
@@ -181,6 +182,22 @@ mod tests {
         assert_eq!(
             required_role(&Method::POST, "/v1/node/reboot"),
             Some(Role::Admin)
+        );
+        for (path, role) in [
+            ("/pools/p/nodes/n/reimage", Role::Admin),
+            ("/pools/p/nodes/n/reboot", Role::Admin),
+            ("/pools/p/nodes/n/disablescheduling", Role::Operator),
+            ("/pools/p/nodes/n/enablescheduling", Role::Operator),
+            (
+                "/s/services/hostedservices/h/deployments/d/roleinstances/n",
+                Role::Admin,
+            ),
+        ] {
+            assert_eq!(required_role(&Method::POST, path), Some(role), "{path}");
+        }
+        assert_eq!(
+            required_role(&Method::GET, "/pools/p/nodes/n"),
+            Some(Role::Reader)
         );
     }
 }

@@ -5,6 +5,7 @@
 //! `/v1/openapi.json` are both built from that one list.
 
 pub mod auth;
+pub mod batch;
 pub mod body;
 pub mod error;
 pub mod openapi;
@@ -46,6 +47,8 @@ pub const NO_SUCH_ROUTE: &str = "no such route";
 pub struct ApiState {
     pub agent: Arc<Agent>,
     pub tokens: Arc<Vec<auth::Token>>,
+    /// `http` or `https`, for the URLs the Batch routes answer with.
+    pub scheme: &'static str,
 }
 
 /// Every route of the API with its description. Only `routes!` may add a
@@ -66,7 +69,12 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(task_file))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
-        .routes(routes!(seed::batch_reimage))
+        .routes(routes!(batch::list_nodes))
+        .routes(routes!(batch::get_node))
+        .routes(routes!(batch::reimage))
+        .routes(routes!(batch::reboot))
+        .routes(routes!(batch::disable_scheduling))
+        .routes(routes!(batch::enable_scheduling))
         .routes(routes!(seed::role_instance))
         .routes(routes!(seed::role_instance_by_slot))
         .routes(routes!(seed::operation_status))
@@ -151,6 +159,13 @@ async fn authenticate(State(state): State<ApiState>, request: Request, next: Nex
     next.run(request).await
 }
 
+/// Sets header `name` to `value`; a value no header can carry is left out.
+pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
 pub(crate) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(&CLIENT_REQUEST_ID) else {
         return Ok(None);
@@ -186,12 +201,12 @@ async fn node(State(state): State<ApiState>) -> impl IntoResponse {
 fn accepted(operation: Operation) -> Response {
     let mut response = (StatusCode::ACCEPTED, Json(&operation)).into_response();
     let headers = response.headers_mut();
-    if let Ok(id) = HeaderValue::from_str(&operation.id) {
-        headers.insert(REQUEST_ID, id);
-    }
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/operations/{}", operation.id)) {
-        headers.insert(LOCATION, location);
-    }
+    insert_header(headers, REQUEST_ID, &operation.id);
+    insert_header(
+        headers,
+        LOCATION,
+        &format!("/v1/operations/{}", operation.id),
+    );
     response
 }
 

@@ -1,18 +1,17 @@
-//! Seed-compatible routes: the Azure Batch "Compute Node - Reimage" and the
-//! Cloud Services (Service Management) "Reimage Role Instance" and "Get
-//! Operation Status" requests, answered in their own shapes and backed by
-//! the same operations as API v1.
+//! Seed-compatible routes of Cloud Services (Service Management): "Reimage
+//! Role Instance" and "Get Operation Status", answered in their own XML
+//! shapes and backed by the same operations as API v1. The Batch routes
+//! are in [`crate::api::batch`].
 
-use crate::api::body::OptionalJsonBody;
 use crate::api::error::ApiError;
-use crate::api::{ApiState, REQUEST_ID, client_request_id};
+use crate::api::{ApiState, REQUEST_ID, client_request_id, insert_header};
 use crate::ops::Refusal;
 use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use reimage_protocol::ErrorCode;
-use reimage_protocol::api::{ErrorBody, OperationStatus, ReimageRequest};
+use reimage_protocol::api::{OperationStatus, ReimageRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -33,69 +32,6 @@ pub const XML_ERROR: &str = "ServiceManagementError";
 /// answer XML), all rooted at the subscription id.
 pub fn is_service_management(route: &str) -> bool {
     route.starts_with("/{subscription}/")
-}
-
-/// Batch's query string: `api-version` is required; `timeout` is accepted
-/// and ignored (the reimage is accepted at once).
-#[derive(Debug, Deserialize)]
-pub struct BatchQuery {
-    #[serde(rename = "api-version")]
-    api_version: Option<String>,
-}
-
-/// Azure Batch "Compute Node - Reimage": reimages this node when `nodeId`
-/// is its id. The body is Batch's `{"nodeReimageOption"}` (the API v1
-/// `image`/`manifestUrl` are accepted too); empty means `requeue`.
-#[utoipa::path(post, path = "/pools/{pool}/nodes/{node}/reimage", tag = "seed",
-    params(
-        ("pool" = String, Path, description = "the pool id (any: the agent has no pools)"),
-        ("node" = String, Path, description = "this node's id"),
-        ("api-version" = String, Query, description = "the Batch API version, e.g. 2024-07-01.20.0"),
-        ("timeout" = Option<i32>, Query, description = "accepted and ignored"),
-        ("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same operation"),
-        ("return-client-request-id" = Option<bool>, Header, description = "echo client-request-id in the response"),
-        ("ocp-date" = Option<String>, Header, description = "accepted and ignored")),
-    request_body(content = Option<ReimageRequest>, content_type = "application/json; odata=minimalmetadata"),
-    responses(
-        (status = 202, description = "accepted", headers(
-            ("request-id" = String, description = "the operation id: GET /v1/operations/{id}"),
-            ("DataServiceId" = String, description = "/pools/{pool}/nodes/{node}"),
-            ("Location" = String, description = "/v1/operations/{id}"),
-            ("client-request-id" = String, description = "with return-client-request-id: true"))),
-        (status = 400, description = "MissingRequiredQueryParameter (api-version) or an invalid body", body = ErrorBody),
-        (status = 404, description = "NodeNotFound: another node's id", body = ErrorBody),
-        (status = 409, description = "NodeBeingReimaged and the other state conflicts", body = ErrorBody)))]
-pub async fn batch_reimage(
-    State(state): State<ApiState>,
-    Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
-    headers: HeaderMap,
-    OptionalJsonBody(request): OptionalJsonBody<ReimageRequest>,
-) -> Result<Response, ApiError> {
-    if query.api_version.as_deref().is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request(
-            ErrorCode::MissingRequiredQueryParameter,
-            "the api-version query parameter is required",
-        )
-        .with_value("QueryParameterName", "api-version"));
-    }
-    check_node(&state, &node)?;
-    let client_id = client_request_id(&headers)?;
-    let operation = state.agent.reimage(request, client_id.as_deref()).await?;
-    let mut response = StatusCode::ACCEPTED.into_response();
-    let headers = response.headers_mut();
-    insert(headers, REQUEST_ID, &operation.id);
-    insert(
-        headers,
-        HeaderName::from_static("dataserviceid"),
-        &format!("/pools/{pool}/nodes/{node}"),
-    );
-    insert(
-        headers,
-        axum::http::header::LOCATION,
-        &format!("/v1/operations/{}", operation.id),
-    );
-    Ok(response)
 }
 
 /// The role instance routes' query string: `comp=reimage`.
@@ -177,7 +113,7 @@ async fn reimage_role_instance(
         ));
     }
     check_ms_version(headers, MIN_MS_VERSION_REIMAGE)?;
-    if role != state.agent.node().id {
+    if role != state.agent.node_id() {
         return Err(XmlError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::ResourceNotFound,
@@ -191,8 +127,8 @@ async fn reimage_role_instance(
         .await
         .map_err(XmlError::from)?;
     let mut response = StatusCode::OK.into_response();
-    insert(response.headers_mut(), MS_REQUEST_ID, &operation.id);
-    insert(response.headers_mut(), REQUEST_ID, &operation.id);
+    insert_header(response.headers_mut(), MS_REQUEST_ID, &operation.id);
+    insert_header(response.headers_mut(), REQUEST_ID, &operation.id);
     Ok(response)
 }
 
@@ -241,7 +177,7 @@ pub async fn operation_status(
         body.to_xml(),
     )
         .into_response();
-    insert(
+    insert_header(
         response.headers_mut(),
         MS_REQUEST_ID,
         &crate::ops::new_request_id(),
@@ -341,27 +277,8 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
     Ok(())
 }
 
-fn check_node(state: &ApiState, node: &str) -> Result<(), ApiError> {
-    let id = state.agent.node().id;
-    if node == id {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(
-            ErrorCode::NodeNotFound,
-            format!("this agent is node {id}, not {node}"),
-        )
-        .with_value("nodeId", node))
-    }
-}
-
 fn is_iso_date(v: &str) -> bool {
     v.len() == 10 && v.parse::<jiff::civil::Date>().is_ok()
-}
-
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name, value);
-    }
 }
 
 /// XML text escaping for element content.
@@ -424,7 +341,7 @@ impl IntoResponse for XmlError {
             xml,
         )
             .into_response();
-        insert(
+        insert_header(
             response.headers_mut(),
             MS_REQUEST_ID,
             &crate::ops::new_request_id(),
@@ -441,7 +358,7 @@ mod tests {
     fn versions_must_be_dates_at_or_after_the_first_with_reimage() {
         let version = |v: &str| {
             let mut headers = HeaderMap::new();
-            headers.insert(MS_VERSION, HeaderValue::from_str(v).expect("header"));
+            headers.insert(MS_VERSION, v.parse().expect("header"));
             check_ms_version(&headers, MIN_MS_VERSION_REIMAGE)
         };
         assert!(version("2010-10-28").is_ok());

@@ -148,6 +148,7 @@ impl Agent {
             state.operations.insert(id.clone(), record);
             state.current = Some(id.clone());
         }
+        self.note_state();
         self.tasks.set_hold(true);
         tracing::info!(operation = %id, kind = ?operation.kind, option = %operation.node_reimage_option, "operation accepted");
         let agent = Arc::clone(self);

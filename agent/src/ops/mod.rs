@@ -45,6 +45,8 @@ pub struct Agent {
     pub tasks: Arc<TaskManager>,
     boot_id: String,
     boot_time: Option<Timestamp>,
+    /// When this agent process started.
+    started_at: Timestamp,
     state: Mutex<State>,
     /// Serialises POSTs that create operations, so two identical requests
     /// racing each other still create one operation.
@@ -82,6 +84,7 @@ impl Agent {
             tasks,
             boot_id: crate::system::boot_id(),
             boot_time: crate::system::boot_time(),
+            started_at: Timestamp::now(),
             state: Mutex::new(State {
                 node,
                 operations,
@@ -91,7 +94,22 @@ impl Agent {
             disk,
         });
         agent.recover()?;
+        agent.watch_task_changes();
         Ok(agent)
+    }
+
+    /// Notes the node's state as tasks start and end (`idle` ↔ `running`),
+    /// so its `stateTransitionTime` is when it changed, not when someone
+    /// next asked.
+    fn watch_task_changes(self: &Arc<Self>) {
+        let mut changes = self.tasks.changes();
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(agent) = agent.upgrade() else { return };
+                agent.note_state();
+            }
+        });
     }
 
     /// Stops running tasks for a clean shutdown of the agent; they are
@@ -114,14 +132,26 @@ impl Agent {
         &self.config.agent.node_id
     }
 
-    /// `GET /v1/node`.
-    pub fn node(&self) -> Node {
+    /// When this agent process started.
+    pub fn started_at(&self) -> Timestamp {
+        self.started_at
+    }
+
+    /// Notes a change of the node's state, with the time it happened.
+    fn note_state(&self) {
         let mut state = self.lock();
         let current = self.node_state(&state);
         if current != state.node.last_state {
             state.node.last_state = current;
             state.node.state_transition_time = Timestamp::now();
         }
+    }
+
+    /// `GET /v1/node`.
+    pub fn node(&self) -> Node {
+        self.note_state();
+        let state = self.lock();
+        let current = state.node.last_state;
         Node {
             id: self.config.agent.node_id.clone(),
             state: current,
@@ -217,10 +247,13 @@ impl Agent {
 
     /// Changes operation `id` and persists it before anyone can see it.
     fn update(&self, id: &str, change: impl FnOnce(&mut Operation)) -> crate::Result<()> {
-        self.update_record(id, |record| {
+        let updated = self.update_record(id, |record| {
             change(&mut record.operation);
             record.operation.updated_at = Timestamp::now();
-        })
+        });
+        // A phase or an end may change the node's state.
+        self.note_state();
+        updated
     }
 
     /// Changes the node's record and persists it.

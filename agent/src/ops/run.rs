@@ -330,6 +330,7 @@ impl Agent {
                 state.current = None;
             }
         }
+        self.note_state();
         self.tasks.set_accepting(true);
         self.tasks.set_hold(false);
         recorded

@@ -48,6 +48,8 @@ pub const TASK_FILES: [&str; 2] = ["stdout.txt", "stderr.txt"];
 const GATES_KEY: &str = "tasks.gates";
 /// [`Table::Node`] key of the number of tasks completed on this node.
 const TOTAL_RUN_KEY: &str = "tasks.totalTasksRun";
+/// [`Table::Node`] key of the number of those that succeeded (exit code 0).
+const TOTAL_SUCCEEDED_KEY: &str = "tasks.totalTasksSucceeded";
 /// Prefix of a task directory being deleted; task ids cannot start with a dot.
 const DELETING_PREFIX: &str = ".deleting-";
 /// The scheduler re-reads the wall clock at least this often, so a clock
@@ -138,6 +140,7 @@ struct State {
     next_seq: u64,
     next_run_id: u64,
     total_run: u64,
+    total_succeeded: u64,
     /// Task directories whose deletion failed, and when to try again.
     delete_retry: HashMap<String, tokio::time::Instant>,
 }
@@ -203,6 +206,7 @@ impl TaskManager {
 
         let gates = store.get(Table::Node, GATES_KEY)?.unwrap_or_default();
         let total_run = store.get(Table::Node, TOTAL_RUN_KEY)?.unwrap_or(0);
+        let total_succeeded = store.get(Table::Node, TOTAL_SUCCEEDED_KEY)?.unwrap_or(0);
         let mut records = load_records(&store)?;
         requeue_orphans(&store, &mut records, config.kill_grace).await;
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
@@ -216,6 +220,7 @@ impl TaskManager {
                 gates,
                 next_seq,
                 total_run,
+                total_succeeded,
                 ..State::default()
             }),
             wake: Notify::new(),
@@ -429,6 +434,11 @@ impl TaskManager {
     /// How many tasks completed on this node, ever (persisted).
     pub fn total_tasks_run(&self) -> u64 {
         self.lock().total_run
+    }
+
+    /// How many of those succeeded: their command exited with code 0 (persisted).
+    pub fn total_tasks_succeeded(&self) -> u64 {
+        self.lock().total_succeeded
     }
 
     /// The number of tasks in each state (every state present).
@@ -782,6 +792,7 @@ impl TaskManager {
         record.task.state_transition_time = now;
         record.task.retention_expiry =
             Some(now.checked_add(record.retention).unwrap_or(Timestamp::MAX));
+        let succeeded = failure_info.is_none();
         let info = &mut record.task.execution_info;
         info.end_time = Some(now);
         info.exit_code = exit_code;
@@ -793,6 +804,15 @@ impl TaskManager {
         state.total_run += 1;
         if let Err(err) = self.store.put(Table::Node, TOTAL_RUN_KEY, &state.total_run) {
             tracing::error!(%err, "persisting the number of tasks run");
+        }
+        if succeeded {
+            state.total_succeeded += 1;
+            if let Err(err) =
+                self.store
+                    .put(Table::Node, TOTAL_SUCCEEDED_KEY, &state.total_succeeded)
+            {
+                tracing::error!(%err, "persisting the number of tasks that succeeded");
+            }
         }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         self.wake.notify_one();
