@@ -221,6 +221,9 @@ pub struct TasksSection {
     pub kill_grace: Duration,
     /// Tasks running at once (the node's task slots); one per CPU when unset.
     pub max_running: Option<std::num::NonZeroUsize>,
+    /// The account pool-scoped unprivileged tasks run as; `reimage-task`
+    /// by default (task-scoped ones get a uid of their own).
+    pub user: String,
 }
 
 /// `[reboot]`: how the node boots into a new image.
@@ -259,6 +262,8 @@ struct TasksFile {
     kill_grace: Duration,
     #[serde(default)]
     max_running: Option<std::num::NonZeroUsize>,
+    #[serde(default = "default_task_user")]
+    user: String,
 }
 
 impl Default for TasksFile {
@@ -268,6 +273,7 @@ impl Default for TasksFile {
             default_retention: default_retention(),
             kill_grace: default_kill_grace(),
             max_running: None,
+            user: default_task_user(),
         }
     }
 }
@@ -324,6 +330,7 @@ impl Config {
                 default_retention: file.tasks.default_retention,
                 kill_grace: file.tasks.kill_grace,
                 max_running: file.tasks.max_running,
+                user: file.tasks.user,
             },
             reboot: file.reboot,
         };
@@ -441,6 +448,9 @@ impl Config {
         }
 
         require_absolute("[tasks] work_dir", &self.tasks.work_dir)?;
+        if self.tasks.user.trim().is_empty() {
+            return Err("[tasks] user: the name is empty".into());
+        }
         Ok(())
     }
 
@@ -518,6 +528,7 @@ pub fn sandbox(dir: &Path) -> Result<Config> {
             default_retention: default_retention(),
             kill_grace: default_kill_grace(),
             max_running: None,
+            user: default_task_user(),
         },
         reboot: RebootConfig {
             method: RebootMethod::None,
@@ -745,6 +756,10 @@ fn default_kill_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_task_user() -> String {
+    crate::tasks::DEFAULT_TASK_USER.to_owned()
+}
+
 /// Parses an ISO 8601 duration (`P7D`, `PT30S`, `PT1H30M`). Days count as
 /// 24 hours; years, months and negative durations have no fixed length
 /// here and are refused.
@@ -952,6 +967,16 @@ mod tests {
             message.contains("image.sha256") && message.contains("non-hex"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_task_user_defaults_to_reimage_task() {
+        let config = Config::parse(&minimal(""), "t").expect("valid");
+        assert_eq!(config.tasks.user, "reimage-task");
+        let config = Config::parse(&minimal("[tasks]\nuser = \"batch\"\n"), "t").expect("valid");
+        assert_eq!(config.tasks.user, "batch");
+        let message = error_of(&minimal("[tasks]\nuser = \" \"\n"));
+        assert!(message.contains("[tasks] user"), "{message}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ impl Daemon {
                 work_dir: config.tasks.work_dir.clone(),
                 default_retention: config.tasks.default_retention,
                 kill_grace: config.tasks.kill_grace,
+                user: config.tasks.user.clone(),
+                state_dir: Some(config.agent.state_dir.clone()),
+                node_id: config.agent.node_id.clone(),
             },
             config.tasks.max_running.map_or(cpus, |n| n.get()),
         )

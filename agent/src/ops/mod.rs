@@ -15,7 +15,7 @@ use crate::image::http::HttpOptions;
 use crate::pipeline::{self, ImageRequest, WriteFailure, WriteRequest};
 use crate::reboot::{self, RebootMethod};
 use crate::store::{Store, Table};
-use crate::tasks::{StopMode, TaskManager};
+use crate::tasks::{Requester, StopMode, TaskManager};
 use jiff::Timestamp;
 use record::{NodeRecord, OperationRecord};
 use reimage_protocol::api::{
@@ -220,6 +220,7 @@ impl Agent {
             image: state.node.image.clone(),
             disk: self.disk.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            task_isolation: self.tasks.isolation(),
         }
     }
 
@@ -425,10 +426,12 @@ impl Agent {
         }
     }
 
-    /// `POST /v1/tasks`: the same `client-request-id` returns the same task.
+    /// `POST /v1/tasks` from `requester`: the same `client-request-id`
+    /// returns the same task.
     pub async fn add_task(
         &self,
         request: AddTaskRequest,
+        requester: Requester,
         client_request_id: Option<&str>,
     ) -> Result<Task, ApiError> {
         let _one_at_a_time = self.mutations.lock().await;
@@ -442,7 +445,7 @@ impl Agent {
         {
             return Ok(task);
         }
-        let task = self.tasks.add(request)?;
+        let task = self.tasks.add(request, requester)?;
         if let Some(key) = &key {
             self.store
                 .put(Table::RequestIds, key, &task.id)

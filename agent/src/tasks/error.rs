@@ -27,6 +27,13 @@ pub enum TaskError {
     /// An environment setting cannot be passed to a process or uses a reserved name.
     #[error("invalid environment setting {name:?}: {reason}")]
     InvalidEnvironmentSetting { name: String, reason: String },
+    /// `userIdentity` names an account (`username`) or no `autoUser`: only
+    /// automatic users are supported.
+    #[error("unsupported userIdentity: {0}")]
+    UnsupportedUserIdentity(String),
+    /// `elevationLevel: admin` (root) from a caller without an admin token.
+    #[error("elevationLevel admin runs the task as root: it needs an admin token")]
+    ElevationNotAllowed,
     /// The node takes no new tasks now (a taskcompletion or retaineddata
     /// reimage or reboot is waiting for the work on it).
     #[error("the node is not accepting new tasks")]
@@ -50,6 +57,8 @@ impl TaskError {
             TaskError::InvalidDuration { .. } => "InvalidDuration",
             TaskError::InvalidCommandLine(_) => "InvalidCommandLine",
             TaskError::InvalidEnvironmentSetting { .. } => "InvalidEnvironmentSetting",
+            TaskError::UnsupportedUserIdentity(_) => "UnsupportedUserIdentity",
+            TaskError::ElevationNotAllowed => "InsufficientPermissions",
             TaskError::NodeNotAcceptingTasks => "NodeNotAcceptingTasks",
             TaskError::TaskFileNotFound { .. } => "TaskFileNotFound",
             TaskError::Agent(err) => err.code(),
@@ -64,7 +73,9 @@ impl TaskError {
             TaskError::InvalidTaskId { .. }
             | TaskError::InvalidDuration { .. }
             | TaskError::InvalidCommandLine(_)
-            | TaskError::InvalidEnvironmentSetting { .. } => 400,
+            | TaskError::InvalidEnvironmentSetting { .. }
+            | TaskError::UnsupportedUserIdentity(_) => 400,
+            TaskError::ElevationNotAllowed => 403,
             TaskError::Agent(_) => 500,
         }
     }
