@@ -40,6 +40,10 @@ impl Daemon {
     pub async fn start(config: Config) -> Result<Daemon> {
         // Bad certificate files stop the agent before it touches its state.
         let tls = tls::server_config(&config.api)?;
+        // Whatever the agent creates (store, staging, handoff files) is
+        // private: unprivileged tasks may search the state directory on
+        // the way to their own (see tasks::dirs). Tasks get 022 back.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let store = Arc::new(Store::open(&config.agent.state_dir)?);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let tasks = TaskManager::start_with_limit(
