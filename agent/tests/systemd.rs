@@ -117,7 +117,13 @@ fn the_example_config_loads() {
 #[test]
 fn the_unit_lets_the_agent_start_tasks_as_other_users() {
     let caps = unit_setting(&unit_text(), "CapabilityBoundingSet").expect("bounding set");
-    for cap in ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN", "CAP_KILL"] {
+    for cap in [
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_CHOWN",
+        "CAP_KILL",
+    ] {
         assert!(caps.split_whitespace().any(|c| c == cap), "{cap} in {caps}");
     }
 }

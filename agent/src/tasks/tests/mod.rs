@@ -1,5 +1,7 @@
 //! The task manager against real processes in temp directories.
 
+mod isolation;
+
 use super::process::{ProcessIdentity, live_group_members};
 use super::*;
 use reimage_protocol::api::{EnvironmentSetting, TaskConstraints};
@@ -38,8 +40,13 @@ impl Fixture {
     fn config(&self, kill_grace: Duration) -> TasksConfig {
         TasksConfig {
             kill_grace,
+            state_dir: Some(self.state_dir()),
             ..TasksConfig::new(&self.work_dir)
         }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self._dir.path().join("state")
     }
 
     async fn start(&self, kill_grace: Duration) -> Arc<TaskManager> {
