@@ -12,7 +12,7 @@
 //! does not apply (a memory or pids limit per task would need the agent to
 //! move into a leaf of its own first).
 
-use super::process::{KILL_WAIT, POLL, proc_error};
+use super::process::{KILL_WAIT, POLL};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use procfs::ProcessCGroups;
@@ -373,7 +373,7 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
 pub(crate) fn cgroup_of(pid: i32) -> io::Result<String> {
     let cgroups = procfs::process::Process::new(pid)
         .and_then(|p| p.cgroups())
-        .map_err(proc_error)?;
+        .map_err(super::process::proc_error)?;
     cgroups
         .0
         .into_iter()
