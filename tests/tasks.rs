@@ -104,6 +104,16 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A clean stop (SIGTERM): the agent stops its tasks' cgroups, so no
+    /// test leaves escaped processes behind (a `kill -9` would).
+    fn drop(&mut self) {
+        if self.daemon.pid().is_some() {
+            self.daemon.terminate();
+        }
+    }
+}
+
 fn skip(test: &str, reason: &str) {
     eprintln!("skipping {test}: {reason}");
 }

@@ -90,6 +90,7 @@ impl CgroupTree {
     /// suffix: a run never shares a cgroup with processes it did not start.
     pub fn create_run(&self, id: &str, run: u32) -> io::Result<TaskCgroup> {
         let mut attempt = 0u32;
+        let mut recreated = false;
         loop {
             let name = match attempt {
                 0 => format!("{id}.{run}"),
@@ -100,6 +101,14 @@ impl CgroupTree {
                 Ok(()) => return Ok(TaskCgroup { dir }),
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => {
                     attempt += 1;
+                }
+                // The (empty) subtree was removed under the agent: make it again.
+                Err(err) if err.kind() == io::ErrorKind::NotFound && !recreated => {
+                    std::fs::create_dir(&self.dir).or_else(|e| match e.kind() {
+                        io::ErrorKind::AlreadyExists => Ok(()),
+                        _ => Err(e),
+                    })?;
+                    recreated = true;
                 }
                 Err(err) => return Err(err),
             }

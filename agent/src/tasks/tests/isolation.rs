@@ -414,3 +414,21 @@ async fn tasks_get_the_batch_environment() {
     assert_eq!(err.code(), "InvalidEnvironmentSetting");
     assert!(err.to_string().contains("AZ_BATCH_"), "{err}");
 }
+
+#[tokio::test]
+async fn a_subtree_removed_under_the_agent_is_made_again() {
+    let f = fixture();
+    let m = f.start(LONG_GRACE).await;
+    if !has_cgroups(&m, "a_subtree_removed_under_the_agent_is_made_again") {
+        return;
+    }
+    let Isolation::Cgroup(tree) = &m.isolation else {
+        unreachable!("checked above")
+    };
+    std::fs::remove_dir(tree.dir()).expect("the empty subtree goes");
+    m.add(request("again", "true"), Requester::Operator)
+        .expect("added");
+    let task = wait_state(&m, "again", TaskState::Completed).await;
+    assert_eq!(task.execution_info.exit_code, Some(0), "{task:?}");
+    assert!(tree.dir().is_dir());
+}
