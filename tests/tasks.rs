@@ -436,3 +436,26 @@ fn a_nonadmin_task_cannot_read_the_agents_state_or_another_tasks_files() {
     }
     assert!(!out.contains("secret"), "{out}");
 }
+
+#[test]
+fn sigterm_of_the_agent_stops_a_task_that_escaped_and_requeues_it() {
+    let mut node = node();
+    if let Some(why) = node.without_cgroups() {
+        return skip(
+            "sigterm_of_the_agent_stops_a_task_that_escaped_and_requeues_it",
+            &why,
+        );
+    }
+    let marker = unique_marker("sigterm");
+    let old = start_escaper(&node, "escaper", &marker, json!({}));
+    let status = node.daemon.terminate();
+    assert!(status.success(), "a clean stop: {status}");
+    assert_eq!(marked_pids(&marker), Vec::<i32>::new());
+    // Not running: the next agent starts it.
+    node.daemon.kill9_and_restart();
+    node.wait_task("escaper", "running again", |t| {
+        t["state"] == "running" && t["executionInfo"]["requeueCount"] == 1
+    });
+    let new = wait_marked(&marker, ESCAPER_PROCESSES);
+    assert!(new.iter().all(|pid| !old.contains(pid)), "{old:?} {new:?}");
+}

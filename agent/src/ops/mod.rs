@@ -189,7 +189,9 @@ impl Agent {
     /// Stops running tasks for a clean shutdown of the agent; they are
     /// requeued and run again when it starts.
     pub async fn shutdown(&self) {
-        let stopped = self.tasks.stop_running(StopMode::Requeue).await;
+        // Not stop_running: the scheduler would start them again before the
+        // agent exits, and that run would outlive it.
+        let stopped = self.tasks.shutdown().await;
         if !stopped.is_empty() {
             tracing::info!(tasks = ?stopped, "requeued running tasks for the shutdown");
         }

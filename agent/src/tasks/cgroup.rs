@@ -38,7 +38,7 @@ pub(crate) struct CgroupTree {
 
 impl Drop for CgroupTree {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        self.remove_if_empty();
     }
 }
 
@@ -83,6 +83,12 @@ impl CgroupTree {
     /// The subtree's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Removes the subtree if no run cgroup is left in it (the agent is
+    /// stopping); a later run makes it again.
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 
     /// Creates the cgroup of run `run` (the task's requeue count) of task

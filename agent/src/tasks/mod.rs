@@ -160,6 +160,9 @@ struct State {
     total_run: u64,
     /// Task directories whose deletion failed, and when to try again.
     delete_retry: HashMap<String, tokio::time::Instant>,
+    /// The agent is stopping: nothing starts any more. Not persisted (the
+    /// next agent runs the requeued tasks), unlike the hold gate.
+    shutting_down: bool,
 }
 
 impl State {
@@ -469,6 +472,18 @@ impl TaskManager {
         ids
     }
 
+    /// For the agent's clean stop: starts nothing from now on, requeues
+    /// every running task (stopping all of its processes) and removes the
+    /// agent's cgroup subtree. Returns the ids it requeued.
+    pub async fn shutdown(&self) -> Vec<String> {
+        self.lock().shutting_down = true;
+        let stopped = self.stop_running(StopMode::Requeue).await;
+        if let Isolation::Cgroup(tree) = &self.isolation {
+            tree.remove_if_empty();
+        }
+        stopped
+    }
+
     /// Resolves when no task is running.
     pub async fn wait_idle(&self) {
         self.wait_until(|s| s.running.is_empty()).await;
@@ -601,7 +616,7 @@ impl TaskManager {
     /// Starts `active` tasks in creation order, up to the limit, if the gates allow.
     fn start_runnable(self: &Arc<Self>) {
         let mut state = self.lock();
-        if !state.gates.scheduling_enabled || state.gates.held {
+        if !state.gates.scheduling_enabled || state.gates.held || state.shutting_down {
             return;
         }
         let free = self.max_running.saturating_sub(state.running.len());

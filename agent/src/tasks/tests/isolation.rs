@@ -432,3 +432,32 @@ async fn a_subtree_removed_under_the_agent_is_made_again() {
     assert_eq!(task.execution_info.exit_code, Some(0), "{task:?}");
     assert!(tree.dir().is_dir());
 }
+
+#[tokio::test]
+async fn a_shutdown_requeues_tasks_without_starting_them_again() {
+    let f = fixture();
+    let m = f.start(LONG_GRACE).await;
+    let marker = unique_marker("shutdown");
+    m.add(
+        marked("down", "echo run >> runs.txt; sleep 1000", &marker),
+        Requester::Operator,
+    )
+    .expect("added");
+    wait_marked(&marker, 2).await;
+    assert_eq!(m.shutdown().await, vec!["down"]);
+    assert_eq!(marked_pids(&marker), Vec::<i32>::new());
+    // A negative: give the scheduler a fair chance to (wrongly) start it.
+    let started = tokio::time::timeout(
+        Duration::from_millis(300),
+        wait_task(&m, "down", "started", |t| t.state != TaskState::Active),
+    )
+    .await;
+    assert!(started.is_err(), "started again during the shutdown");
+    assert_eq!(marked_pids(&marker), Vec::<i32>::new());
+    let stored = f.stored("down").expect("persisted");
+    assert_eq!(stored.task.state, TaskState::Active);
+    assert_eq!(stored.task.execution_info.requeue_count, 1);
+    if let Isolation::Cgroup(tree) = &m.isolation {
+        assert!(!tree.dir().exists(), "the subtree is removed");
+    }
+}
