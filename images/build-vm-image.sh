@@ -147,7 +147,7 @@ token_sha=$(tr -d '\n' <"$token_file" | sha256sum | cut -d' ' -f1)
 build_key=$({
     echo "$recipe"
     echo "marker=$marker token=$token_sha disk=$disk_mib storage=$storage_mib staging=$staging"
-    sha256sum "$agent" "$repo/systemd/reimage-agent.service" "$0" | cut -d' ' -f1
+    sha256sum "$agent" "$repo/systemd/reimage-agent.service" "$repo/systemd/reimage-agent.sysusers" "$0" | cut -d' ' -f1
 } | sha256sum | cut -d' ' -f1)
 outputs=(vmlinuz initrd.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json saved.sha256 image.env)
 up_to_date=1
@@ -177,6 +177,10 @@ else
     install -m 0755 "$agent" "$r/usr/bin/reimage-agent"
 fi
 install -m 0644 "$repo/systemd/reimage-agent.service" "$r/etc/systemd/system/reimage-agent.service"
+# The account pool-scoped tasks run as ([tasks] user), made now rather than
+# left to systemd-sysusers.service at first boot.
+install -D -m 0644 "$repo/systemd/reimage-agent.sysusers" "$r/usr/lib/sysusers.d/reimage-agent.conf"
+systemd-sysusers --root="$r" "$r/usr/lib/sysusers.d/reimage-agent.conf"
 mkdir -p "$r/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/reimage-agent.service \
     "$r/etc/systemd/system/multi-user.target.wants/reimage-agent.service"

@@ -40,6 +40,10 @@ impl Daemon {
     pub async fn start(config: Config) -> Result<Daemon> {
         // Bad certificate files stop the agent before it touches its state.
         let tls = tls::server_config(&config.api)?;
+        // Whatever the agent creates (store, staging, handoff files) is
+        // private: unprivileged tasks may search the state directory on
+        // the way to their own (see tasks::dirs). Tasks get 022 back.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let store = Arc::new(Store::open(&config.agent.state_dir)?);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let tasks = TaskManager::start_with_limit(
@@ -48,6 +52,9 @@ impl Daemon {
                 work_dir: config.tasks.work_dir.clone(),
                 default_retention: config.tasks.default_retention,
                 kill_grace: config.tasks.kill_grace,
+                user: config.tasks.user.clone(),
+                state_dir: Some(config.agent.state_dir.clone()),
+                node_id: config.agent.node_id.clone(),
             },
             config.tasks.max_running.map_or(cpus, |n| n.get()),
         )

@@ -11,11 +11,11 @@
 
 use crate::api::auth::{Role, Token};
 use crate::config::{
-    AgentConfig, ApiConfig, Config, DEFAULT_KILL_GRACE, DEFAULT_RETENTION, DiskConfig, ImageConfig,
-    RebootConfig, TasksSection,
+    AgentConfig, ApiConfig, Config, DiskConfig, ImageConfig, RebootConfig, TasksSection,
 };
 use crate::disk::gpt;
 use crate::reboot::RebootMethod;
+use crate::tasks::{DEFAULT_KILL_GRACE, DEFAULT_RETENTION};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -107,6 +107,7 @@ pub fn sandbox(dir: &Path) -> Result<Config> {
             default_retention: DEFAULT_RETENTION,
             kill_grace: DEFAULT_KILL_GRACE,
             max_running: None,
+            user: crate::tasks::DEFAULT_TASK_USER.to_owned(),
         },
         reboot: RebootConfig {
             method: RebootMethod::None,

@@ -77,6 +77,9 @@ fn the_unit_is_a_notify_service_with_a_watchdog() {
         ("ProtectSystem", "strict"),
         ("PrivateDevices", "no"),
         ("NoNewPrivileges", "yes"),
+        ("Delegate", "yes"),
+        ("ProtectControlGroups", "no"),
+        ("StateDirectoryMode", "0711"),
     ] {
         assert_eq!(unit_setting(&unit, key).as_deref(), Some(value), "{key}=");
     }
@@ -108,5 +111,50 @@ fn the_example_config_loads() {
         unit_setting(&unit_text(), "ReadWritePaths").as_deref(),
         config.agent.state_dir.to_str(),
         "the unit lets the agent write its state dir"
+    );
+}
+
+#[test]
+fn the_unit_lets_the_agent_start_tasks_as_other_users() {
+    let caps = unit_setting(&unit_text(), "CapabilityBoundingSet").expect("bounding set");
+    for cap in [
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_CHOWN",
+        "CAP_KILL",
+    ] {
+        assert!(caps.split_whitespace().any(|c| c == cap), "{cap} in {caps}");
+    }
+}
+
+#[test]
+fn the_sysusers_file_makes_the_default_task_user() {
+    let sysusers = Command::new("systemd-sysusers").arg("--version").output();
+    if !sysusers.is_ok_and(|o| o.status.success()) {
+        println!(
+            "skipping the_sysusers_file_makes_the_default_task_user: systemd-sysusers is not installed (apt-get install systemd)"
+        );
+        return;
+    }
+    let config = Config::load(&systemd_dir().join("agent.toml")).expect("example loads");
+    let root = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(root.path().join("etc")).expect("etc");
+    let output = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(systemd_dir().join("reimage-agent.sysusers"))
+        .output()
+        .expect("systemd-sysusers runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let passwd = fs::read_to_string(root.path().join("etc/passwd")).expect("passwd");
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with(&format!("{}:", config.tasks.user))),
+        "{passwd}"
     );
 }

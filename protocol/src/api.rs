@@ -110,6 +110,10 @@ pub struct Node {
     /// Why the node is `unusable`, or how its last operation failed.
     #[serde(default)]
     pub errors: Vec<NodeError>,
+    /// How the node contains its tasks; older agents did not say, and
+    /// used process groups.
+    #[serde(default)]
+    pub task_isolation: TaskIsolation,
 }
 
 /// A node error, in Batch's `ComputeNodeError` shape.
@@ -130,6 +134,20 @@ pub struct NodeError {
 pub struct NameValuePair {
     pub name: String,
     pub value: String,
+}
+
+/// How a node contains its tasks, so that stopping one reaches every
+/// process it started.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TaskIsolation {
+    /// A cgroup v2 per task run: nothing a task starts escapes a stop.
+    Cgroup,
+    /// A process group per task run, where no writable cgroup v2 exists:
+    /// a process that calls `setsid` leaves it.
+    #[default]
+    ProcessGroup,
 }
 
 /// An image given inline in a reimage request.
@@ -280,6 +298,55 @@ pub struct AddTaskRequest {
     pub environment_settings: Vec<EnvironmentSetting>,
     #[serde(default)]
     pub constraints: TaskConstraints,
+    /// Who the task runs as; omitted, a non-administrative user unique to
+    /// the task (`autoUser` with scope `task`, elevation `nonadmin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_identity: Option<UserIdentity>,
+}
+
+/// `userIdentity`, as Batch has it: an automatic user (`autoUser`) or a
+/// named account (`username`, which this agent does not support yet).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_user: Option<AutoUserSpecification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+}
+
+/// `autoUser`: an account the node makes for tasks.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoUserSpecification {
+    /// `task` or `pool` (Batch's default when `autoUser` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<AutoUserScope>,
+    /// `nonadmin` (the default) or `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elevation_level: Option<ElevationLevel>,
+}
+
+wire_enum! {
+    /// Whether a task's automatic user is its own or shared by the node's tasks.
+    pub enum AutoUserScope {
+        /// A user unique to the task: other tasks cannot read its files.
+        Task = "task",
+        /// The user all pool-scoped tasks of the node share.
+        Pool = "pool",
+    }
+}
+
+wire_enum! {
+    /// Whether a task runs unprivileged or as root.
+    pub enum ElevationLevel {
+        /// An unprivileged user without capabilities.
+        NonAdmin = "nonadmin",
+        /// Root; only an admin token may ask for it.
+        Admin = "admin",
+    }
 }
 
 /// Task states, as Batch names them.
@@ -330,6 +397,9 @@ pub struct Task {
     pub execution_info: ExecutionInfo,
     /// When the task's directory is deleted (set once it completed).
     pub retention_expiry: Option<Timestamp>,
+    /// Who the task runs as, with every default filled in.
+    #[serde(default)]
+    pub user_identity: UserIdentity,
 }
 
 /// A list answer: `{"value": [...]}` as Batch lists are.
@@ -448,6 +518,42 @@ mod tests {
         assert_eq!(json["phase"], "waitingForTasks");
         assert_eq!(json["nodeReimageOption"], "retaineddata");
         assert_eq!(json["createdAt"], "2026-11-23T10:00:00Z");
+    }
+
+    #[test]
+    fn user_identities_take_any_case_and_answer_in_lowercase() {
+        let body: AddTaskRequest = serde_json::from_str(
+            r#"{"id":"t","commandLine":"true","userIdentity":{"autoUser":{"scope":"Task","elevationLevel":"nonAdmin"}}}"#,
+        )
+        .expect("parses");
+        let auto = body
+            .user_identity
+            .and_then(|u| u.auto_user)
+            .expect("autoUser");
+        assert_eq!(auto.scope, Some(AutoUserScope::Task));
+        assert_eq!(auto.elevation_level, Some(ElevationLevel::NonAdmin));
+        assert_eq!(
+            serde_json::to_value(&auto).expect("serialises"),
+            serde_json::json!({"scope": "task", "elevationLevel": "nonadmin"})
+        );
+        let err = serde_json::from_str::<AutoUserSpecification>(r#"{"elevationLevel":"root"}"#)
+            .expect_err("unknown level");
+        assert!(err.to_string().contains("nonadmin"), "{err}");
+        let err = serde_json::from_str::<UserIdentity>(r#"{"autoUsr":{}}"#).expect_err("typo");
+        assert!(err.to_string().contains("autoUsr"), "{err}");
+    }
+
+    #[test]
+    fn task_isolation_is_camel_case_and_defaults_to_process_groups() {
+        assert_eq!(
+            serde_json::to_value(TaskIsolation::ProcessGroup).expect("serialises"),
+            "processGroup"
+        );
+        assert_eq!(
+            serde_json::from_str::<TaskIsolation>(r#""cgroup""#).expect("parses"),
+            TaskIsolation::Cgroup
+        );
+        assert_eq!(TaskIsolation::default(), TaskIsolation::ProcessGroup);
     }
 
     #[test]

@@ -88,13 +88,19 @@ vm_api() {
     rm -f "$out"
 }
 
-# vm_run_task ID COMMAND [SECONDS]: runs COMMAND as a task on the guest's
-# agent, waits for it to complete (default 60s) and prints its stdout.
-# Fails when it does not complete in time or exits non-zero.
+# The identity of the test's own probes: they read the agent's state
+# directory (saved.txt on local-storage), which unprivileged tasks cannot.
+VM_ROOT_TASK='{"autoUser": {"elevationLevel": "admin"}}'
+
+# vm_run_task ID COMMAND [SECONDS] [IDENTITY]: runs COMMAND as a task on
+# the guest's agent (as root unless IDENTITY, a userIdentity JSON, says
+# otherwise; "null" for the default), waits for it to complete (default
+# 60s) and prints its stdout. Fails when it does not complete in time or
+# exits non-zero.
 vm_run_task() {
-    local id=$1 command=$2 deadline=$((SECONDS + ${3:-60})) task state code
-    vm_api POST /v1/tasks "$(jq -cn --arg id "$id" --arg cmd "$command" \
-        '{id: $id, commandLine: $cmd}')" >/dev/null || return 1
+    local id=$1 command=$2 deadline=$((SECONDS + ${3:-60})) identity=${4:-$VM_ROOT_TASK} task state code
+    vm_api POST /v1/tasks "$(jq -cn --arg id "$id" --arg cmd "$command" --argjson who "$identity" \
+        '{id: $id, commandLine: $cmd} + (if $who == null then {} else {userIdentity: $who} end)')" >/dev/null || return 1
     while :; do
         task=$(vm_api GET "/v1/tasks/$id") || return 1
         state=$(jq -r .state <<<"$task")

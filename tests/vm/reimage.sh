@@ -111,11 +111,15 @@ vm_pid=$(bash "$repo/tests/vm/run-vm.sh" "$run/disk.img" "$work/old/vmlinuz" "$w
 vm_wait_healthz 300 "$vm_pid" || fail "the agent in the VM did not come up"
 [ "$(marker boot)" = "old image" ] || fail "the guest did not boot the old image"
 saved_ok boot
+node=$(vm_api GET /v1/node)
+[ "$(jq -r .taskIsolation <<<"$node")" = cgroup ] ||
+    fail "tasks are not in cgroups under the guest's systemd: $(jq -c '{taskIsolation}' <<<"$node")"
+[ "$(vm_run_task whoami "id -u" 60 null)" != 0 ] || fail "a task without userIdentity ran as root"
 phase_done "boot old image"
 
 echo "== 1. old → new, staged on local-storage, a running task requeued"
 # The task notes each run on local-storage, then keeps running.
-vm_api POST /v1/tasks "$(jq -cn '{id: "worker", commandLine: "cat /etc/reimage-marker >>/var/lib/reimage-agent/worker-runs.txt; exec sleep 86400"}')" >/dev/null
+vm_api POST /v1/tasks "$(jq -cn --argjson who "$VM_ROOT_TASK" '{id: "worker", commandLine: "cat /etc/reimage-marker >>/var/lib/reimage-agent/worker-runs.txt; exec sleep 86400", userIdentity: $who}')" >/dev/null
 deadline=$((SECONDS + 60))
 until [ "$(vm_api GET /v1/tasks/worker | jq -r .state)" = running ]; do
     [ "$SECONDS" -lt "$deadline" ] || fail "the worker task did not start"

@@ -12,7 +12,9 @@ pub mod openapi;
 pub mod seed;
 pub mod tls;
 
+use crate::api::auth::Role;
 use crate::ops::Agent;
+use crate::tasks::Requester;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
@@ -133,30 +135,37 @@ async fn request_id(request: Request, next: Next) -> Response {
 }
 
 /// Refuses requests without the role their route needs; Service
-/// Management routes get the refusal in their own XML shape.
-async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if let Some(needed) = auth::required_role(request.method(), request.uri().path())
-        && let Err(err) = auth::authorize(&state.tokens, request.headers(), needed)
-    {
-        tracing::info!(method = %request.method(), path = request.uri().path(), code = %err.body.code, "request refused");
-        let service_management = request
-            .extensions()
-            .get::<MatchedPath>()
-            .is_some_and(|route| seed::is_service_management(route.as_str()));
-        let unauthorized = err.status == StatusCode::UNAUTHORIZED;
-        let mut response = if service_management {
-            seed::XmlError::from(err).into_response()
-        } else {
-            err.into_response()
-        };
-        if unauthorized {
-            response
-                .headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+/// Management routes get the refusal in their own XML shape. The caller's
+/// role rides on an accepted request (an extension) for handlers whose
+/// answer depends on it, such as `POST /v1/tasks`.
+async fn authenticate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+    let Some(needed) = auth::required_role(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let err = match auth::authorize(&state.tokens, request.headers(), needed) {
+        Ok(role) => {
+            request.extensions_mut().insert(role);
+            return next.run(request).await;
         }
-        return response;
+        Err(err) => err,
+    };
+    tracing::info!(method = %request.method(), path = request.uri().path(), code = %err.body.code, "request refused");
+    let service_management = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| seed::is_service_management(route.as_str()));
+    let unauthorized = err.status == StatusCode::UNAUTHORIZED;
+    let mut response = if service_management {
+        seed::XmlError::from(err).into_response()
+    } else {
+        err.into_response()
+    };
+    if unauthorized {
+        response
+            .headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     }
-    next.run(request).await
+    response
 }
 
 /// Sets header `name` to `value`; a value no header can carry is left out.
@@ -309,15 +318,25 @@ async fn operation(
     responses(
         (status = 201, description = "added", body = Task, headers(
             ("Location" = String, description = "/v1/tasks/{id}"))),
-        (status = 400, description = "MissingRequestBody, InvalidRequestBody, InvalidTaskId, InvalidDuration, …", body = ErrorBody),
+        (status = 400, description = "MissingRequestBody, InvalidRequestBody, InvalidTaskId, InvalidDuration, UnsupportedUserIdentity, …", body = ErrorBody),
+        (status = 403, description = "InsufficientPermissions: elevationLevel admin needs an admin token", body = ErrorBody),
         (status = 409, description = "TaskExists or NodeNotAcceptingTasks", body = ErrorBody)))]
 async fn add_task(
     State(state): State<ApiState>,
+    role: Option<Extension<Role>>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<AddTaskRequest>,
 ) -> Result<Response, ApiError> {
     let client_id = client_request_id(&headers)?;
-    let task = state.agent.add_task(request, client_id.as_deref()).await?;
+    // Only an admin token may have a task run as root.
+    let requester = match role {
+        Some(Extension(Role::Admin)) => Requester::Admin,
+        _ => Requester::Operator,
+    };
+    let task = state
+        .agent
+        .add_task(request, requester, client_id.as_deref())
+        .await?;
     let mut response = (StatusCode::CREATED, Json(&task)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/tasks/{}", task.id)) {
         response.headers_mut().insert(LOCATION, location);

@@ -90,6 +90,7 @@ pub(super) struct TasksFile {
     #[serde(default, deserialize_with = "optional_duration")]
     pub kill_grace: Option<Duration>,
     pub max_running: Option<NonZeroUsize>,
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,6 +13,7 @@ mod tests;
 use crate::api::auth::Token;
 use crate::image::allowed_urls::AllowedUrls;
 use crate::reboot::RebootMethod;
+use crate::tasks::{DEFAULT_KILL_GRACE, DEFAULT_RETENTION};
 use crate::{Error, Result};
 use file::ConfigFile;
 use std::fs;
@@ -24,10 +25,6 @@ use std::time::Duration;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/reimage-agent";
 /// Where `serve` reads its config by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/reimage-agent/agent.toml";
-/// Retention of a completed task's files when its request names none (`P7D`).
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Time between SIGTERM and SIGKILL when a task is stopped (`PT30S`).
-pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 
 /// Longest `kill_grace` that still ends inside the shipped unit's
 /// `TimeoutStopSec=90s` (with room for persisting state after the kill).
@@ -130,6 +127,9 @@ pub struct TasksSection {
     pub kill_grace: Duration,
     /// Tasks running at once (the node's task slots); one per CPU when unset.
     pub max_running: Option<std::num::NonZeroUsize>,
+    /// The account pool-scoped unprivileged tasks run as; `reimage-task`
+    /// by default (task-scoped ones get a uid of their own).
+    pub user: String,
 }
 
 /// `[reboot]`: how the node boots into a new image.
@@ -239,6 +239,10 @@ impl Config {
                 default_retention: file.tasks.default_retention.unwrap_or(DEFAULT_RETENTION),
                 kill_grace: file.tasks.kill_grace.unwrap_or(DEFAULT_KILL_GRACE),
                 max_running: file.tasks.max_running,
+                user: file
+                    .tasks
+                    .user
+                    .unwrap_or_else(|| crate::tasks::DEFAULT_TASK_USER.to_owned()),
             },
             reboot: RebootConfig {
                 method: file.reboot.method,
@@ -328,6 +332,9 @@ impl Config {
         }
 
         require_absolute("[tasks] work_dir", &self.tasks.work_dir)?;
+        if self.tasks.user.trim().is_empty() {
+            return Err("[tasks] user: the name is empty".into());
+        }
         Ok(())
     }
 

@@ -143,6 +143,16 @@ fn a_bad_token_hash_is_named_and_not_echoed() {
 }
 
 #[test]
+fn the_task_user_defaults_to_reimage_task() {
+    let config = Config::parse(&minimal(""), "t").expect("valid");
+    assert_eq!(config.tasks.user, "reimage-task");
+    let config = Config::parse(&minimal("[tasks]\nuser = \"batch\"\n"), "t").expect("valid");
+    assert_eq!(config.tasks.user, "batch");
+    let message = error_of(&minimal("[tasks]\nuser = \" \"\n"));
+    assert!(message.contains("[tasks] user"), "{message}");
+}
+
+#[test]
 fn task_slots_are_a_positive_number() {
     let message = error_of(&minimal("[tasks]\nmax_running = 0\n"));
     assert!(message.contains("tasks.max_running"), "{message}");

@@ -7,7 +7,7 @@ use super::record::OperationRecord;
 use super::refusal::Refusal;
 use super::replay::{Replayable, RequestKind};
 use super::{Agent, Table};
-use crate::tasks::StopMode;
+use crate::tasks::{Requester, StopMode};
 use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
     AddTaskRequest, DisableSchedulingOption, NodeState, Operation, OperationKind, RebootRequest,
@@ -69,10 +69,12 @@ impl Agent {
     }
 
     /// `POST /v1/tasks`: the same `client-request-id` with the same body
-    /// returns the same task.
+    /// returns the same task. `requester` says who asks (only an admin may
+    /// have a task run as root).
     pub async fn add_task(
         &self,
         request: AddTaskRequest,
+        requester: Requester,
         client_request_id: Option<&str>,
     ) -> Result<Task, Refusal> {
         let _one_at_a_time = self.mutations.lock().await;
@@ -85,7 +87,7 @@ impl Agent {
         {
             return Ok(task);
         }
-        let task = self.tasks.add(request)?;
+        let task = self.tasks.add(request, requester)?;
         if let Some(replay) = &replay {
             replay.remember(&self.store, &task.id)?;
         }

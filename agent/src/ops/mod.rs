@@ -23,7 +23,7 @@ pub use reimage_protocol::new_request_id;
 
 use crate::config::Config;
 use crate::store::{Store, Table};
-use crate::tasks::{StopMode, TaskManager};
+use crate::tasks::TaskManager;
 use jiff::Timestamp;
 use record::{NodeRecord, OperationRecord};
 use reimage_protocol::Phase;
@@ -115,7 +115,7 @@ impl Agent {
     /// Stops running tasks for a clean shutdown of the agent; they are
     /// requeued and run again when it starts.
     pub async fn shutdown(&self) {
-        let stopped = self.tasks.stop_running(StopMode::Requeue).await;
+        let stopped = self.tasks.shutdown().await;
         if !stopped.is_empty() {
             tracing::info!(tasks = ?stopped, "requeued running tasks for the shutdown");
         }
@@ -164,6 +164,7 @@ impl Agent {
             disk: self.disk.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             errors: state.node.last_failure.iter().cloned().collect(),
+            task_isolation: self.tasks.isolation(),
         }
     }
 

@@ -81,9 +81,40 @@ impl From<TaskError> for Refusal {
             TaskError::InvalidTaskId { .. }
             | TaskError::InvalidDuration { .. }
             | TaskError::InvalidCommandLine(_)
-            | TaskError::InvalidEnvironmentSetting { .. } => RefusalKind::Invalid,
+            | TaskError::InvalidEnvironmentSetting { .. }
+            | TaskError::UnsupportedUserIdentity(_) => RefusalKind::Invalid,
+            TaskError::ElevationNotAllowed => RefusalKind::Forbidden,
             TaskError::Agent(_) => RefusalKind::Internal,
         };
         Refusal::new(kind, err.code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_errors_are_refusals_of_their_kind() {
+        let cases = [
+            (TaskError::TaskExists("t".into()), RefusalKind::Conflict),
+            (TaskError::NodeNotAcceptingTasks, RefusalKind::Conflict),
+            (TaskError::TaskNotFound("t".into()), RefusalKind::NotFound),
+            (
+                TaskError::InvalidCommandLine("empty".into()),
+                RefusalKind::Invalid,
+            ),
+            (
+                TaskError::UnsupportedUserIdentity("username".into()),
+                RefusalKind::Invalid,
+            ),
+            (TaskError::ElevationNotAllowed, RefusalKind::Forbidden),
+        ];
+        for (err, kind) in cases {
+            let code = err.code();
+            let refusal = Refusal::from(err);
+            assert_eq!(refusal.kind, kind, "{code}");
+            assert_eq!(refusal.code, code);
+        }
     }
 }

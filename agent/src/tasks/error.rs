@@ -29,6 +29,13 @@ pub enum TaskError {
     /// An environment setting cannot be passed to a process or uses a reserved name.
     #[error("invalid environment setting {name:?}: {reason}")]
     InvalidEnvironmentSetting { name: String, reason: String },
+    /// `userIdentity` names an account (`username`) or no `autoUser`: only
+    /// automatic users are supported.
+    #[error("unsupported userIdentity: {0}")]
+    UnsupportedUserIdentity(String),
+    /// `elevationLevel: admin` (root) from a caller without an admin token.
+    #[error("elevationLevel admin runs the task as root: it needs an admin token")]
+    ElevationNotAllowed,
     /// The node takes no new tasks now (a taskcompletion or retaineddata
     /// reimage or reboot is waiting for the work on it).
     #[error("the node is not accepting new tasks")]
@@ -52,6 +59,8 @@ impl TaskError {
             TaskError::InvalidDuration { .. } => ErrorCode::InvalidDuration,
             TaskError::InvalidCommandLine(_) => ErrorCode::InvalidCommandLine,
             TaskError::InvalidEnvironmentSetting { .. } => ErrorCode::InvalidEnvironmentSetting,
+            TaskError::UnsupportedUserIdentity(_) => ErrorCode::UnsupportedUserIdentity,
+            TaskError::ElevationNotAllowed => ErrorCode::InsufficientPermissions,
             TaskError::NodeNotAcceptingTasks => ErrorCode::NodeNotAcceptingTasks,
             TaskError::TaskFileNotFound { .. } => ErrorCode::TaskFileNotFound,
             TaskError::Agent(err) => err.code(),

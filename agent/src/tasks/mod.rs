@@ -1,7 +1,9 @@
 //! Local tasks, as Batch runs them on a node: `active → running →
-//! completed`, each a `sh -c <commandLine>` process group in its own
-//! directory (`work_dir/tasks/<id>/`: `wd/`, `stdout.txt`, `stderr.txt`),
-//! whose files are kept for the task's retention time after it completed.
+//! completed`, each run a `sh -c <commandLine>` in a cgroup of its own
+//! (see [`isolation`]), as the user its `userIdentity` names (see
+//! [`identity`]), in its own directory (`work_dir/tasks/<id>/`: `wd/`,
+//! `stdout.txt`, `stderr.txt`, see [`dirs`]), whose files are kept for the
+//! task's retention time after it completed.
 //!
 //! Every state change is written to the [`Store`] before it is shown, so a
 //! restarted agent (after `kill -9` or a reboot) picks up where the last one
@@ -12,22 +14,29 @@
 //! scheduling), hold (a reimage or reboot is under way) and accepting (add
 //! refused while a taskcompletion/retaineddata operation waits).
 
+mod cgroup;
+mod dirs;
 mod error;
+mod identity;
+mod isolation;
 mod process;
 mod record;
 #[cfg(test)]
 mod tests;
 
 pub use error::TaskError;
+pub use identity::{DEFAULT_TASK_USER, Requester, TASK_UIDS};
 
 use crate::store::{Store, Table};
+use identity::{PrivilegeDrop, RunAs, TaskUsers};
+use isolation::{Containment, Isolation};
 use jiff::Timestamp;
-use process::{Launch, ProcessIdentity, live_group_members, stop_group};
-use record::{RESERVED_ENV_PREFIX, TaskRecord};
+use process::{Launch, ProcessIdentity, stop_group};
+use record::{BATCH_ENV_PREFIX, RESERVED_ENV_PREFIX, TaskRecord};
 use reimage_protocol::ErrorCode;
-use reimage_protocol::api::{AddTaskRequest, FailureInfo, Task, TaskState};
+use reimage_protocol::api::{AddTaskRequest, FailureInfo, Task, TaskIsolation, TaskState};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -67,15 +76,25 @@ pub struct TasksConfig {
     pub default_retention: Duration,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     pub kill_grace: Duration,
+    /// The account pool-scoped tasks share (`[tasks] user`).
+    pub user: String,
+    /// The agent's state directory, kept out of the tasks' reach.
+    pub state_dir: Option<PathBuf>,
+    /// The node's id, for `AZ_BATCH_NODE_ID`.
+    pub node_id: String,
 }
 
 impl TasksConfig {
-    /// Tasks under `work_dir` with the default retention (`P7D`) and kill grace (`PT30S`).
+    /// Tasks under `work_dir` with the default retention (`P7D`), kill grace
+    /// (`PT30S`) and user (`reimage-task`), on a node called `node`.
     pub fn new(work_dir: impl Into<PathBuf>) -> TasksConfig {
         TasksConfig {
             work_dir: work_dir.into(),
             default_retention: DEFAULT_RETENTION,
             kill_grace: DEFAULT_KILL_GRACE,
+            user: DEFAULT_TASK_USER.to_owned(),
+            state_dir: None,
+            node_id: "node".to_owned(),
         }
     }
 }
@@ -143,6 +162,9 @@ struct State {
     total_succeeded: u64,
     /// Task directories whose deletion failed, and when to try again.
     delete_retry: HashMap<String, tokio::time::Instant>,
+    /// The agent is stopping: nothing starts any more. Not persisted (the
+    /// next agent runs the requeued tasks), unlike the hold gate.
+    shutting_down: bool,
 }
 
 impl State {
@@ -160,6 +182,10 @@ pub struct TaskManager {
     store: Arc<Store>,
     config: TasksConfig,
     max_running: usize,
+    /// Cgroups or process groups, chosen at start.
+    isolation: Isolation,
+    /// The accounts tasks run as.
+    users: TaskUsers,
     state: Mutex<State>,
     /// Wakes the scheduler loop (a task may start, a timer changed).
     wake: Notify,
@@ -179,11 +205,12 @@ impl TaskManager {
     /// Loads the tasks from `store` and starts the scheduler loop.
     ///
     /// Tasks recorded as `running` by an earlier agent process (or boot) are
-    /// orphans: if their process group still exists and its leader is the
-    /// same process (pid and start time, same boot), the whole group is
-    /// stopped (SIGTERM, kill grace, SIGKILL); then the task is `active`
-    /// again with `requeueCount + 1`. Completed tasks whose retention
-    /// expired while the agent was down are deleted at once.
+    /// orphans: every run cgroup left in the agent's subtree is stopped
+    /// (SIGTERM, kill grace, `cgroup.kill`) and removed; with process
+    /// groups, a group whose leader is still the same process (pid and
+    /// start time, same boot) is stopped likewise. Then the task is
+    /// `active` again with `requeueCount + 1`. Completed tasks whose
+    /// retention expired while the agent was down are deleted at once.
     pub async fn start(store: Arc<Store>, config: TasksConfig) -> crate::Result<Arc<TaskManager>> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         TaskManager::start_with_limit(store, config, cpus).await
@@ -197,17 +224,47 @@ impl TaskManager {
     ) -> crate::Result<Arc<TaskManager>> {
         // Tasks get absolute paths (HOME, REIMAGE_TASK_WORKING_DIR) even when
         // the sandbox's state directory is given relative to the cwd.
-        config.work_dir = std::path::absolute(&config.work_dir)
-            .map_err(|e| crate::Error::io(format!("resolving {}", config.work_dir.display()), e))?;
+        let absolute = |dir: &Path| {
+            std::path::absolute(dir)
+                .map_err(|e| crate::Error::io(format!("resolving {}", dir.display()), e))
+        };
+        config.work_dir = absolute(&config.work_dir)?;
+        config.state_dir = config.state_dir.as_deref().map(absolute).transpose()?;
         let tasks_dir = config.work_dir.join("tasks");
-        std::fs::create_dir_all(&tasks_dir)
-            .map_err(|e| crate::Error::io(format!("creating {}", tasks_dir.display()), e))?;
+        dirs::prepare_tasks_root(&tasks_dir, config.state_dir.as_deref()).map_err(|e| {
+            crate::Error::io(
+                format!("preparing the task directory {}", tasks_dir.display()),
+                e,
+            )
+        })?;
         remove_interrupted_deletions(&tasks_dir).await;
+        let tasks_dir = tasks_dir.canonicalize().unwrap_or(tasks_dir);
+        let isolation = Isolation::detect(&tasks_dir);
+        let users = TaskUsers::find(&config.user);
+        if users.can_switch()
+            && let Some((dir, mode, owner)) = dirs::blocking_dir(
+                &tasks_dir,
+                RunAs {
+                    uid: *TASK_UIDS.start(),
+                    gid: *TASK_UIDS.start(),
+                },
+            )
+        {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:04o}"),
+                owner,
+                "unprivileged tasks cannot search this directory on the way to theirs: they will fail to start (chmod o+x it, or move [tasks] work_dir)"
+            );
+        }
 
         let gates = store.get(Table::Node, GATES_KEY)?.unwrap_or_default();
         let total_run = store.get(Table::Node, TOTAL_RUN_KEY)?.unwrap_or(0);
         let total_succeeded = store.get(Table::Node, TOTAL_SUCCEEDED_KEY)?.unwrap_or(0);
         let mut records = load_records(&store)?;
+        if let Isolation::Cgroup(tree) = &isolation {
+            stop_leftover_cgroups(tree, config.kill_grace).await;
+        }
         requeue_orphans(&store, &mut records, config.kill_grace).await;
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
 
@@ -215,6 +272,8 @@ impl TaskManager {
             store,
             config,
             max_running: max_running.max(1),
+            isolation,
+            users,
             state: Mutex::new(State {
                 records,
                 gates,
@@ -232,15 +291,18 @@ impl TaskManager {
 
     /// Adds an `active` task; it is persisted before this returns. Refused
     /// with [`TaskError::NodeNotAcceptingTasks`] while the node does not
-    /// accept tasks, [`TaskError::TaskExists`] for a taken id, and a 400-class
-    /// error for a bad id, duration, command line or environment setting.
-    pub fn add(&self, request: AddTaskRequest) -> Result<Task, TaskError> {
+    /// accept tasks, [`TaskError::TaskExists`] for a taken id,
+    /// [`TaskError::ElevationNotAllowed`] for a root task that `requester`
+    /// may not add, and a 400-class error for a bad id, duration, command
+    /// line, environment setting or user identity.
+    pub fn add(&self, request: AddTaskRequest, requester: Requester) -> Result<Task, TaskError> {
         let mut state = self.lock();
         if !state.gates.accepting {
             return Err(TaskError::NodeNotAcceptingTasks);
         }
         let record = TaskRecord::new(
             request,
+            requester,
             state.next_seq,
             self.config.default_retention,
             Timestamp::now(),
@@ -414,6 +476,18 @@ impl TaskManager {
         ids
     }
 
+    /// For the agent's clean stop: starts nothing from now on, requeues
+    /// every running task (stopping all of its processes) and removes the
+    /// agent's cgroup subtree. Returns the ids it requeued.
+    pub async fn shutdown(&self) -> Vec<String> {
+        self.lock().shutting_down = true;
+        let stopped = self.stop_running(StopMode::Requeue).await;
+        if let Isolation::Cgroup(tree) = &self.isolation {
+            tree.remove_if_empty();
+        }
+        stopped
+    }
+
     /// Resolves when no task is running.
     pub async fn wait_idle(&self) {
         self.wait_until(|s| s.running.is_empty()).await;
@@ -424,6 +498,11 @@ impl TaskManager {
     pub async fn wait_retention_expired(&self) {
         self.wait_until(|s| !s.records.values().any(TaskRecord::holds_files))
             .await;
+    }
+
+    /// How task runs are contained on this node.
+    pub fn isolation(&self) -> TaskIsolation {
+        self.isolation.kind()
     }
 
     /// How many tasks run now.
@@ -546,7 +625,7 @@ impl TaskManager {
     /// Starts `active` tasks in creation order, up to the limit, if the gates allow.
     fn start_runnable(self: &Arc<Self>) {
         let mut state = self.lock();
-        if !state.gates.scheduling_enabled || state.gates.held {
+        if !state.gates.scheduling_enabled || state.gates.held || state.shutting_down {
             return;
         }
         let free = self.max_running.saturating_sub(state.running.len());
@@ -564,20 +643,25 @@ impl TaskManager {
 
     /// Starts one run of task `id` and hands it to a supervisor.
     fn launch(self: &Arc<Self>, state: &mut State, id: &str) {
+        // Per-task uids other tasks hold, with their files.
+        let taken: HashSet<u32> = state
+            .records
+            .values()
+            .filter(|r| r.task.id != id)
+            .filter_map(TaskRecord::per_task_uid)
+            .collect();
         let Some(record) = state.records.get(id) else {
             return;
         };
         let max_wall_clock = record.max_wall_clock;
-        let started = self.spawn(record).and_then(|child| {
-            match child.id().and_then(|p| i32::try_from(p).ok()) {
-                Some(pid) => Ok((child, pid)),
-                None => Err(io::Error::other(
-                    "the process ended before it could be watched",
-                )),
-            }
-        });
+        let started = self.spawn(record, &taken);
         let now = Timestamp::now();
-        let (child, pid) = match started {
+        let Started {
+            child,
+            pid,
+            containment,
+            run_as,
+        } = match started {
             Ok(started) => started,
             Err(err) => {
                 tracing::error!(task = id, %err, "starting a task");
@@ -608,6 +692,7 @@ impl TaskManager {
         info.exit_code = None;
         info.failure_info = None;
         record.process = identity;
+        record.user = run_as;
         self.persist(record);
         let (stop, stop_requests) = oneshot::channel();
         state.running.insert(
@@ -617,24 +702,48 @@ impl TaskManager {
                 stop: Some(stop),
             },
         );
-        tracing::info!(task = id, pid, "task started");
+        tracing::info!(
+            task = id,
+            pid,
+            uid = run_as.map_or(0, |r| r.uid),
+            ?containment,
+            "task started"
+        );
         tokio::spawn(Arc::clone(self).supervise(
             id.to_owned(),
             child,
-            pid,
+            containment,
             max_wall_clock,
             stop_requests,
         ));
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Prepares the task's directory and starts its process.
-    fn spawn(&self, record: &TaskRecord) -> io::Result<Child> {
+    /// Prepares the task's directory, its user and its cgroup, and starts
+    /// its process. `taken`: per-task uids other tasks hold.
+    fn spawn(&self, record: &TaskRecord, taken: &HashSet<u32>) -> io::Result<Started> {
         let id = &record.task.id;
+        let run_as = self
+            .users
+            .run_as(&record.task.user_identity, record.user, taken)
+            .map_err(|e| context("choosing the task's user", e))?;
+        if let Some(run_as) = run_as
+            && let Some((dir, mode, owner)) =
+                dirs::blocking_dir(&self.config.work_dir.join("tasks"), run_as)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "its user (uid {}) cannot reach its working directory: {} (mode {mode:04o}, owner uid {owner}) does not let others search it; chmod o+x it or move [tasks] work_dir",
+                    run_as.uid,
+                    dir.display()
+                ),
+            ));
+        }
         let dir = self.task_dir(id);
-        let working_dir = dir.join("wd");
-        std::fs::create_dir_all(&working_dir)?;
-        let wd = working_dir.to_string_lossy().into_owned();
+        let files = dirs::prepare_run(&dir, run_as)
+            .map_err(|e| context(&format!("preparing {}", dir.display()), e))?;
+        let wd = files.working_dir.to_string_lossy().into_owned();
         let mut env = vec![("HOME".to_owned(), wd.clone())];
         env.extend(
             record
@@ -644,13 +753,75 @@ impl TaskManager {
                 .map(|s| (s.name.clone(), s.value.clone())),
         );
         env.push((format!("{RESERVED_ENV_PREFIX}ID"), id.clone()));
-        env.push((format!("{RESERVED_ENV_PREFIX}WORKING_DIR"), wd));
-        process::spawn(&Launch {
-            command_line: record.task.command_line.clone(),
-            stdout: dir.join("stdout.txt"),
-            stderr: dir.join("stderr.txt"),
-            working_dir,
-            env,
+        env.push((format!("{RESERVED_ENV_PREFIX}WORKING_DIR"), wd.clone()));
+        env.push((
+            format!("{BATCH_ENV_PREFIX}NODE_ID"),
+            self.config.node_id.clone(),
+        ));
+        env.push((format!("{BATCH_ENV_PREFIX}TASK_ID"), id.clone()));
+        env.push((format!("{BATCH_ENV_PREFIX}TASK_WORKING_DIR"), wd));
+        env.push((
+            format!("{BATCH_ENV_PREFIX}TASK_DIR"),
+            dir.to_string_lossy().into_owned(),
+        ));
+
+        let cgroup = match &self.isolation {
+            Isolation::Cgroup(tree) => Some(
+                tree.create_run(id, record.task.execution_info.requeue_count)
+                    .map_err(|e| context("creating the run's cgroup", e))?,
+            ),
+            Isolation::ProcessGroup => None,
+        };
+        // An empty cgroup goes at once; one whose child got in before
+        // failing waits for the next start's sweep.
+        let discard = |cgroup: &Option<cgroup::TaskCgroup>| {
+            if let Some(cgroup) = cgroup {
+                let _ = std::fs::remove_dir(cgroup.dir());
+            }
+        };
+        let launched = cgroup
+            .as_ref()
+            .map(cgroup::TaskCgroup::join)
+            .transpose()
+            .and_then(|join| {
+                process::spawn(Launch {
+                    command_line: record.task.command_line.clone(),
+                    working_dir: files.working_dir,
+                    stdout: files.stdout,
+                    stderr: files.stderr,
+                    env,
+                    cgroup: join,
+                    privileges: run_as.map(PrivilegeDrop::to),
+                })
+            })
+            .map_err(|e| {
+                let who = run_as.map_or("root".to_owned(), |r| format!("uid {}", r.uid));
+                context(&format!("starting sh as {who}"), e)
+            })
+            .and_then(
+                |child| match child.id().and_then(|p| i32::try_from(p).ok()) {
+                    Some(pid) => Ok((child, pid)),
+                    None => Err(io::Error::other(
+                        "the process ended before it could be watched",
+                    )),
+                },
+            );
+        let (child, pid) = match launched {
+            Ok(launched) => launched,
+            Err(err) => {
+                discard(&cgroup);
+                return Err(err);
+            }
+        };
+        let containment = match cgroup {
+            Some(cgroup) => Containment::Cgroup(cgroup),
+            None => Containment::ProcessGroup(pid),
+        };
+        Ok(Started {
+            child,
+            pid,
+            containment,
+            run_as,
         })
     }
 
@@ -660,7 +831,7 @@ impl TaskManager {
         self: Arc<Self>,
         id: String,
         mut child: Child,
-        pgid: i32,
+        containment: Containment,
         max_wall_clock: Option<Duration>,
         mut stop_requests: oneshot::Receiver<StopRequest>,
     ) {
@@ -677,21 +848,23 @@ impl TaskManager {
                 // Background processes the command left behind must not
                 // outlive the task: they would write into a directory that
                 // retention deletes, or hold the disk during a reimage.
-                if !live_group_members(pgid).is_empty() {
-                    stop_group(pgid, grace).await;
+                if containment.is_occupied() {
+                    containment.stop(grace).await;
                 }
                 (status, Outcome::Exited)
             }
             () = wall_clock => {
-                stop_group(pgid, grace).await;
+                containment.stop(grace).await;
                 (child.wait().await, Outcome::WallClockExceeded)
             }
             Ok(request) = &mut stop_requests => {
-                stop_group(pgid, grace).await;
+                containment.stop(grace).await;
                 answer = Some(request.done);
                 (child.wait().await, Outcome::Stopped(request.mode))
             }
         };
+        // Before the run counts as ended: a reimage waits for that.
+        containment.release().await;
         // A stop asked for after the task ended goes unanswered: it stopped nothing.
         drop(stop_requests);
         let retained_bytes = match outcome {
@@ -869,6 +1042,20 @@ impl TaskManager {
     }
 }
 
+/// A run just started.
+struct Started {
+    child: Child,
+    pid: i32,
+    containment: Containment,
+    /// `None`: root, or the agent's own user.
+    run_as: Option<RunAs>,
+}
+
+/// `err` with `what` the agent was doing in front.
+fn context(what: &str, err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("{what}: {err}"))
+}
+
 /// "exited with code 3" or "was killed by SIGTERM".
 fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -898,6 +1085,22 @@ fn load_records(store: &Store) -> crate::Result<HashMap<String, TaskRecord>> {
         }
     }
     Ok(records)
+}
+
+/// Stops and removes the run cgroups an earlier agent left (after
+/// `kill -9`), all at once, each with the kill grace.
+async fn stop_leftover_cgroups(tree: &cgroup::CgroupTree, grace: Duration) {
+    let mut stops = tokio::task::JoinSet::new();
+    for cgroup in tree.leftovers() {
+        if cgroup.is_populated() {
+            tracing::warn!(task = cgroup.task_id(), cgroup = %cgroup.dir().display(), pids = ?cgroup.pids(), "stopping the processes of a task left running by an earlier agent");
+        }
+        stops.spawn(async move {
+            cgroup.stop(grace).await;
+            cgroup.remove().await;
+        });
+    }
+    stops.join_all().await;
 }
 
 /// Tasks recorded as `running` were left by an earlier agent or boot: stop

@@ -1,8 +1,11 @@
 //! A task's processes: started as `sh -c <commandLine>` leading a process
-//! group of its own, so that stopping the task reaches every process it
-//! started, and identified by pid, start time and boot so that a later agent
-//! never signals an unrelated process that reused the pid.
+//! group of its own (and, where cgroups are usable, inside the run's
+//! cgroup and as the task's user before it execs), and identified by pid,
+//! start time and boot so that a later agent never signals an unrelated
+//! process that reused the pid.
 
+use super::cgroup::CgroupJoin;
+use super::identity::PrivilegeDrop;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -17,46 +20,81 @@ use tokio::time::Instant;
 /// PATH for tasks when the agent itself has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The umask tasks start with: the agent's own is stricter (its state
+/// must stay private), a task's files are its own business.
+const TASK_UMASK: nix::libc::mode_t = 0o022;
+
 /// How often the group is checked while waiting for it to exit.
-const POLL: Duration = Duration::from_millis(25);
+pub(crate) const POLL: Duration = Duration::from_millis(25);
 
 /// How long to wait for SIGKILLed processes to disappear (a process in
 /// uninterruptible sleep dies only when its I/O returns).
-const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// Everything needed to start one run of a task.
 #[derive(Debug)]
 pub(crate) struct Launch {
     pub command_line: String,
     pub working_dir: PathBuf,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
+    /// The task's `stdout.txt` and `stderr.txt`, opened by the agent.
+    pub stdout: File,
+    pub stderr: File,
     /// Set in this order after the clean base environment.
     pub env: Vec<(String, String)>,
+    /// Moves the child into the run's cgroup; `None` with process groups only.
+    pub cgroup: Option<CgroupJoin>,
+    /// Makes the child the task's user; `None` for a task that runs as the agent's user.
+    pub privileges: Option<PrivilegeDrop>,
 }
 
 /// Starts `sh -c <commandLine>` as the leader of a new process group, in a
 /// clean environment (PATH only, then `launch.env`), output to the task's
-/// files (truncated: each run starts them afresh).
-pub(crate) fn spawn(launch: &Launch) -> io::Result<Child> {
-    let stdout = File::create(&launch.stdout)?;
-    let stderr = File::create(&launch.stderr)?;
+/// files. Between fork and exec the child joins its cgroup (while it is
+/// still root: the agent owns the cgroup files), then drops to the task's
+/// user: whatever the command runs is contained and unprivileged from its
+/// first instruction.
+pub(crate) fn spawn(launch: Launch) -> io::Result<Child> {
     let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
-    Command::new("sh")
+    let Launch {
+        command_line,
+        working_dir,
+        stdout,
+        stderr,
+        env,
+        cgroup,
+        privileges,
+    } = launch;
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
-        .arg(&launch.command_line)
-        .current_dir(&launch.working_dir)
+        .arg(&command_line)
+        .current_dir(&working_dir)
         .env_clear()
         .env("PATH", path)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0)
-        // The supervisor decides when the group dies; a dropped handle (the
+        // The supervisor decides when the run dies; a dropped handle (the
         // agent shutting down) must leave it to the next agent's orphan check.
-        .kill_on_drop(false)
-        .spawn()
+        .kill_on_drop(false);
+    // SAFETY: the hook runs in the forked child of a multi-threaded
+    // process, so it only makes async-signal-safe system calls on data
+    // prepared before the fork (no allocation, no locks).
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(cgroup) = &cgroup {
+                cgroup.join_self()?;
+            }
+            if let Some(privileges) = &privileges {
+                privileges.apply()?;
+            }
+            nix::libc::umask(TASK_UMASK);
+            Ok(())
+        });
+    }
+    command.spawn()
 }
 
 /// Who a task's process group leader is, durably: a pid alone may be reused
@@ -77,7 +115,7 @@ impl ProcessIdentity {
     pub fn of(pid: i32) -> io::Result<ProcessIdentity> {
         Ok(ProcessIdentity {
             pid,
-            start_time: read_stat(pid)?.start_time,
+            start_time: read_stat(pid)?.starttime,
             boot_id: boot_id()?,
         })
     }
@@ -93,14 +131,14 @@ impl ProcessIdentity {
             return Vec::new();
         }
         match read_stat(self.pid) {
-            Ok(leader) if leader.start_time != self.start_time || leader.pgrp != self.pid => {
+            Ok(leader) if leader.starttime != self.start_time || leader.pgrp != self.pid => {
                 return Vec::new();
             }
             _ => {}
         }
         group_members(self.pid)
             .into_iter()
-            .filter(|(_, stat)| stat.start_time >= self.start_time)
+            .filter(|(_, stat)| stat.starttime >= self.start_time)
             .map(|(pid, _)| pid)
             .collect()
     }
@@ -108,52 +146,45 @@ impl ProcessIdentity {
 
 /// This boot's id; it changes on every boot.
 pub(crate) fn boot_id() -> io::Result<String> {
-    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
-        .trim()
-        .to_owned())
+    procfs::sys::kernel::random::boot_id()
+        .map(|id| id.trim().to_owned())
+        .map_err(proc_error)
 }
 
-/// What `/proc/PID/stat` says that matters here.
-#[derive(Debug, Clone, Copy)]
-struct ProcStat {
-    state: char,
-    pgrp: i32,
-    start_time: u64,
+/// `/proc/PID/stat`.
+fn read_stat(pid: i32) -> io::Result<procfs::process::Stat> {
+    procfs::process::Process::new(pid)
+        .and_then(|process| process.stat())
+        .map_err(proc_error)
 }
 
-fn read_stat(pid: i32) -> io::Result<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat(&text).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected /proc/{pid}/stat: {text:?}"),
-        )
-    })
-}
-
-/// Parses `pid (comm) state ppid pgrp ... starttime ...`. The command name
-/// may hold spaces and parentheses, so fields are counted after the last `)`.
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `fields[0]` is field 3 (state); field N is `fields[N - 3]`.
-    Some(ProcStat {
-        state: fields.first()?.chars().next()?,
-        pgrp: fields.get(2)?.parse().ok()?,
-        start_time: fields.get(19)?.parse().ok()?,
-    })
+/// A `/proc` read failure as the `io::Error` the rest of the agent handles.
+pub(crate) fn proc_error(err: procfs::ProcError) -> io::Error {
+    match err {
+        procfs::ProcError::Io(err, _) => err,
+        procfs::ProcError::NotFound(path) => io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is gone",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        ),
+        other => io::Error::other(other.to_string()),
+    }
 }
 
 /// Processes of group `pgid` that have not exited. Zombies are left out:
 /// they are dead and hold nothing, and one whose parent never reaps it
 /// must not keep a stop waiting.
-fn group_members(pgid: i32) -> Vec<(i32, ProcStat)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+fn group_members(pgid: i32) -> Vec<(i32, procfs::process::Stat)> {
+    let Ok(processes) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| Some((pid, read_stat(pid).ok()?)))
+    processes
+        .filter_map(|process| {
+            let stat = process.ok()?.stat().ok()?;
+            Some((stat.pid, stat))
+        })
         .filter(|(_, stat)| stat.pgrp == pgid && !matches!(stat.state, 'Z' | 'X'))
         .collect()
 }
@@ -166,25 +197,17 @@ pub(crate) fn live_group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// How a group stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GroupStop {
-    /// Every process exited within the grace period after SIGTERM.
-    Exited,
-    /// Some had to be killed with SIGKILL.
-    Killed,
-}
-
 /// Stops process group `pgid`: SIGTERM to the whole group, up to `grace`
 /// for it to exit (so a task can save its work), then SIGKILL to the group.
-/// Returns once no process of the group is alive.
-pub(crate) async fn stop_group(pgid: i32, grace: Duration) -> GroupStop {
+/// Returns once no process of the group is alive. A process that left the
+/// group (`setsid`) is out of reach: only a cgroup holds those.
+pub(crate) async fn stop_group(pgid: i32, grace: Duration) {
     let group = Pid::from_raw(pgid);
     if !signal_group(group, Signal::SIGTERM) {
-        return GroupStop::Exited;
+        return;
     }
     if wait_group_exit(pgid, grace).await {
-        return GroupStop::Exited;
+        return;
     }
     tracing::info!(
         pgid,
@@ -198,7 +221,6 @@ pub(crate) async fn stop_group(pgid: i32, grace: Duration) -> GroupStop {
             "task processes are still alive after SIGKILL"
         );
     }
-    GroupStop::Killed
 }
 
 /// Sends `signal` to the group; false when the group no longer exists.
@@ -240,16 +262,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_fields_are_counted_after_the_command_name() {
-        let line = "4242 (a (weird) name) S 1 4240 4240 0 -1 4194560 105 0 0 0 0 0 0 0 20 0 1 0 987654 4096 100";
-        let stat = parse_stat(line).expect("parses");
-        assert_eq!(stat.state, 'S');
-        assert_eq!(stat.pgrp, 4240);
-        assert_eq!(stat.start_time, 987654);
-        assert!(parse_stat("4242 (x) S 1").is_none());
-    }
-
-    #[test]
     fn this_process_has_an_identity() -> io::Result<()> {
         let me = ProcessIdentity::of(std::process::id() as i32)?;
         assert!(me.start_time > 0);
@@ -267,5 +279,12 @@ mod tests {
         };
         assert!(other_boot.surviving_members().is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn a_vanished_process_reads_as_not_found() {
+        // Pid max is below this on every Linux configuration.
+        let err = ProcessIdentity::of(i32::MAX).expect_err("no such process");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 }

@@ -1,8 +1,10 @@
 //! What the store keeps of a task: the wire [`Task`] plus what only the
 //! agent needs (creation order, parsed limits, the running process's
-//! identity, whether the retention timer already deleted the files).
+//! identity, the user it runs as, whether the retention timer already
+//! deleted the files).
 
 use super::TaskError;
+use super::identity::{self, Requester, RunAs};
 use super::process::ProcessIdentity;
 use crate::duration::parse_duration;
 use reimage_protocol::api::{AddTaskRequest, ExecutionInfo, Task, TaskState};
@@ -14,6 +16,8 @@ const MAX_ID_LEN: usize = 64;
 
 /// Prefix of the environment variables the agent sets for every task.
 pub(crate) const RESERVED_ENV_PREFIX: &str = "REIMAGE_TASK_";
+/// Prefix of Batch's standard task environment, which the agent sets too.
+pub(crate) const BATCH_ENV_PREFIX: &str = "AZ_BATCH_";
 
 /// One task as persisted in [`crate::store::Table::Tasks`] under its id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +33,10 @@ pub(crate) struct TaskRecord {
     pub retention: Duration,
     /// The process group leader while the task is `running`.
     pub process: Option<ProcessIdentity>,
+    /// The account its last run used (`None`: root); a task-scoped task
+    /// keeps its own uid here until its files are deleted.
+    #[serde(default)]
+    pub user: Option<RunAs>,
     /// Size of the task's directory when it completed (what retention holds).
     pub retained_bytes: u64,
     /// The retention timer fired and the task's directory is gone.
@@ -36,15 +44,18 @@ pub(crate) struct TaskRecord {
 }
 
 impl TaskRecord {
-    /// Checks `request` and makes the record of a new `active` task.
+    /// Checks `request` (from `requester`) and makes the record of a new
+    /// `active` task.
     pub fn new(
         request: AddTaskRequest,
+        requester: Requester,
         seq: u64,
         default_retention: Duration,
         now: jiff::Timestamp,
     ) -> Result<TaskRecord, TaskError> {
         check_id(&request.id)?;
         check_command_line(&request.command_line)?;
+        let user_identity = identity::resolve(request.user_identity.as_ref(), requester)?;
         for setting in &request.environment_settings {
             check_env(&setting.name, &setting.value)?;
         }
@@ -77,11 +88,13 @@ impl TaskRecord {
                 state_transition_time: now,
                 execution_info: ExecutionInfo::default(),
                 retention_expiry: None,
+                user_identity,
             },
             seq,
             max_wall_clock,
             retention,
             process: None,
+            user: None,
             retained_bytes: 0,
             files_deleted: false,
         })
@@ -90,6 +103,14 @@ impl TaskRecord {
     /// The task's directory is kept (not yet deleted by its retention timer).
     pub fn holds_files(&self) -> bool {
         self.task.state == TaskState::Completed && !self.files_deleted
+    }
+
+    /// The per-task uid this task holds: from its first run until its
+    /// files are deleted, since they are owned by it.
+    pub fn per_task_uid(&self) -> Option<u32> {
+        self.user
+            .filter(|u| u.is_per_task() && !self.files_deleted)
+            .map(|u| u.uid)
     }
 }
 
@@ -147,10 +168,12 @@ fn check_env(name: &str, value: &str) -> Result<(), TaskError> {
     if value.contains('\0') {
         return Err(invalid("the value holds a NUL byte"));
     }
-    if name.starts_with(RESERVED_ENV_PREFIX) {
-        return Err(invalid(
-            "names starting with REIMAGE_TASK_ are set by the agent",
-        ));
+    for prefix in [RESERVED_ENV_PREFIX, BATCH_ENV_PREFIX] {
+        if name.starts_with(prefix) {
+            return Err(invalid(&format!(
+                "names starting with {prefix} are set by the agent"
+            )));
+        }
     }
     Ok(())
 }

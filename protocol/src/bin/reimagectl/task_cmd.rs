@@ -78,6 +78,7 @@ impl TaskCommand {
                         max_wall_clock_time: args.max_wall_clock,
                         retention_time: args.retention,
                     },
+                    user_identity: None,
                 };
                 let task = client
                     .add_task(&request)

@@ -1,8 +1,11 @@
 //! The task manager against real processes in temp directories.
 
+mod isolation;
+
 use super::process::{ProcessIdentity, live_group_members};
 use super::*;
 use reimage_protocol::api::{EnvironmentSetting, TaskConstraints};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use tempfile::TempDir;
 
@@ -21,6 +24,9 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
+    // Unprivileged tasks must be able to search their way to work_dir.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod temp dir");
     let store = Arc::new(Store::open(&dir.path().join("state")).expect("store"));
     let work_dir = dir.path().join("work");
     Fixture {
@@ -34,8 +40,13 @@ impl Fixture {
     fn config(&self, kill_grace: Duration) -> TasksConfig {
         TasksConfig {
             kill_grace,
+            state_dir: Some(self.state_dir()),
             ..TasksConfig::new(&self.work_dir)
         }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self._dir.path().join("state")
     }
 
     async fn start(&self, kill_grace: Duration) -> Arc<TaskManager> {
@@ -59,6 +70,7 @@ fn request(id: &str, command_line: &str) -> AddTaskRequest {
         command_line: command_line.into(),
         environment_settings: Vec::new(),
         constraints: TaskConstraints::default(),
+        user_identity: None,
     }
 }
 
@@ -141,7 +153,7 @@ async fn a_task_runs_and_completes_with_its_exit_code_and_files() {
         name: "FOO".into(),
         value: "bar baz".into(),
     }];
-    let added = m.add(req).expect("added");
+    let added = m.add(req, Requester::Operator).expect("added");
     assert_eq!(added.state, TaskState::Active);
     assert_eq!(f.stored("t1").expect("persisted").task.id, "t1");
 
@@ -181,8 +193,11 @@ async fn a_task_runs_and_completes_with_its_exit_code_and_files() {
 async fn a_failing_command_is_a_user_error() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request("fails", "echo oops >&2; exit 3"))
-        .expect("added");
+    m.add(
+        request("fails", "echo oops >&2; exit 3"),
+        Requester::Operator,
+    )
+    .expect("added");
     let task = wait_state(&m, "fails", TaskState::Completed).await;
     assert_eq!(task.execution_info.exit_code, Some(3));
     let failure = task.execution_info.failure_info.expect("failure info");
@@ -195,7 +210,8 @@ async fn a_failing_command_is_a_user_error() {
 async fn wait_idle_resolves_when_the_running_tasks_end() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request("short", "sleep 0.3")).expect("added");
+    m.add(request("short", "sleep 0.3"), Requester::Operator)
+        .expect("added");
     wait_state(&m, "short", TaskState::Running).await;
     tokio::time::timeout(TIMEOUT, m.wait_idle())
         .await
@@ -207,8 +223,11 @@ async fn wait_idle_resolves_when_the_running_tasks_end() {
 async fn a_task_over_its_wall_clock_time_is_stopped() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(with_limits(request("slow", TWO_SLEEPS), Some("PT1S"), None))
-        .expect("added");
+    m.add(
+        with_limits(request("slow", TWO_SLEEPS), Some("PT1S"), None),
+        Requester::Operator,
+    )
+    .expect("added");
     let pgid = running_group(&m, "slow", 3).await;
     let task = wait_state(&m, "slow", TaskState::Completed).await;
     let info = &task.execution_info;
@@ -228,10 +247,10 @@ async fn a_task_over_its_wall_clock_time_is_stopped() {
 async fn requeue_stops_the_whole_group_and_runs_it_again_once_released() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request(
-        "rq",
-        &format!("echo run >> runs.txt; {TWO_SLEEPS}"),
-    ))
+    m.add(
+        request("rq", &format!("echo run >> runs.txt; {TWO_SLEEPS}")),
+        Requester::Operator,
+    )
     .expect("added");
     let pgid = running_group(&m, "rq", 3).await;
 
@@ -262,7 +281,8 @@ async fn requeue_stops_the_whole_group_and_runs_it_again_once_released() {
 async fn terminate_completes_the_task_with_a_failure_and_kills_the_group() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request("term", TWO_SLEEPS)).expect("added");
+    m.add(request("term", TWO_SLEEPS), Requester::Operator)
+        .expect("added");
     let pgid = running_group(&m, "term", 3).await;
 
     assert_eq!(m.stop_running(StopMode::Terminate).await, vec!["term"]);
@@ -283,10 +303,13 @@ async fn terminate_completes_the_task_with_a_failure_and_kills_the_group() {
 async fn the_kill_grace_lets_a_term_trap_finish() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request(
-        "trap",
-        "trap 'echo saved > saved.txt; exit 7' TERM; sleep 1000 & wait",
-    ))
+    m.add(
+        request(
+            "trap",
+            "trap 'echo saved > saved.txt; exit 7' TERM; sleep 1000 & wait",
+        ),
+        Requester::Operator,
+    )
     .expect("added");
     // Two processes mean the trap is set: it comes before the sleep.
     running_group(&m, "trap", 2).await;
@@ -310,8 +333,11 @@ async fn a_task_ignoring_sigterm_is_killed_after_the_grace() {
     let grace = Duration::from_secs(1);
     let m = f.start(grace).await;
     // The ignored SIGTERM is inherited by the sleep too.
-    m.add(request("stubborn", "trap '' TERM; sleep 1000"))
-        .expect("added");
+    m.add(
+        request("stubborn", "trap '' TERM; sleep 1000"),
+        Requester::Operator,
+    )
+    .expect("added");
     let pgid = running_group(&m, "stubborn", 2).await;
 
     let began = std::time::Instant::now();
@@ -326,7 +352,8 @@ async fn a_task_ignoring_sigterm_is_killed_after_the_grace() {
 async fn deleting_a_running_task_stops_it_and_removes_its_files() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request("del", TWO_SLEEPS)).expect("added");
+    m.add(request("del", TWO_SLEEPS), Requester::Operator)
+        .expect("added");
     let pgid = running_group(&m, "del", 3).await;
 
     m.delete("del").await.expect("deleted");
@@ -342,7 +369,8 @@ async fn deleting_a_running_task_stops_it_and_removes_its_files() {
     let err = m.delete("del").await.expect_err("gone");
     assert_eq!(err.code(), "TaskNotFound");
     // The id is free again.
-    m.add(request("del", "true")).expect("added again");
+    m.add(request("del", "true"), Requester::Operator)
+        .expect("added again");
     wait_state(&m, "del", TaskState::Completed).await;
 }
 
@@ -350,11 +378,14 @@ async fn deleting_a_running_task_stops_it_and_removes_its_files() {
 async fn retention_deletes_the_directory_and_keeps_the_record() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(with_limits(
-        request("kept", "echo data > data.txt; echo out"),
-        None,
-        Some("PT2S"),
-    ))
+    m.add(
+        with_limits(
+            request("kept", "echo data > data.txt; echo out"),
+            None,
+            Some("PT2S"),
+        ),
+        Requester::Operator,
+    )
     .expect("added");
     let task = wait_state(&m, "kept", TaskState::Completed).await;
     let end = task.execution_info.end_time.expect("end");
@@ -393,8 +424,11 @@ fn retention_timers_survive_a_restart() {
     let first = runtime();
     let expiry = first.block_on(async {
         let m = f.start(LONG_GRACE).await;
-        m.add(with_limits(request("r", "echo hi"), None, Some("PT2S")))
-            .expect("added");
+        m.add(
+            with_limits(request("r", "echo hi"), None, Some("PT2S")),
+            Requester::Operator,
+        )
+        .expect("added");
         let task = wait_state(&m, "r", TaskState::Completed).await;
         task.retention_expiry.expect("expiry")
     });
@@ -417,8 +451,14 @@ fn retention_timers_survive_a_restart() {
 /// with the node held so that the test sees it requeued and not rerun.
 fn store_orphan(f: &Fixture, id: &str, identity: ProcessIdentity) {
     let now = Timestamp::now();
-    let mut record =
-        TaskRecord::new(request(id, TWO_SLEEPS), 0, DEFAULT_RETENTION, now).expect("record");
+    let mut record = TaskRecord::new(
+        request(id, TWO_SLEEPS),
+        Requester::Operator,
+        0,
+        DEFAULT_RETENTION,
+        now,
+    )
+    .expect("record");
     record.task.state = TaskState::Running;
     record.task.execution_info.start_time = Some(now);
     record.process = Some(identity);
@@ -485,9 +525,10 @@ async fn a_reused_pid_is_not_signalled_on_start() {
 async fn bad_requests_are_refused_with_their_codes() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
-    m.add(request("t1", "echo hi")).expect("added");
+    m.add(request("t1", "echo hi"), Requester::Operator)
+        .expect("added");
     let refused = |req: AddTaskRequest| {
-        let err = m.add(req).expect_err("refused");
+        let err = m.add(req, Requester::Operator).expect_err("refused");
         (err.code(), err.to_string())
     };
 
@@ -509,7 +550,7 @@ async fn bad_requests_are_refused_with_their_codes() {
         let (code, _) = refused(request(id, "true"));
         assert_eq!(code, "InvalidTaskId", "{id:?}");
     }
-    m.add(request(&"x".repeat(64), "true"))
+    m.add(request(&"x".repeat(64), "true"), Requester::Operator)
         .expect("64 characters");
 
     for (wall, retention, field, value) in [
@@ -542,7 +583,8 @@ async fn bad_requests_are_refused_with_their_codes() {
     let (code, _) = refused(request("later", "true"));
     assert_eq!(code, "NodeNotAcceptingTasks");
     m.set_accepting(true);
-    m.add(request("later", "true")).expect("accepted again");
+    m.add(request("later", "true"), Requester::Operator)
+        .expect("accepted again");
 
     wait_state(&m, "t1", TaskState::Completed).await;
     let stdout = m.file("t1", "stdout.txt").expect("stdout");
@@ -568,7 +610,8 @@ async fn disabled_scheduling_keeps_tasks_active() {
     let f = fixture();
     let m = f.start(LONG_GRACE).await;
     m.set_scheduling(false);
-    m.add(request("q", "true")).expect("add still works");
+    m.add(request("q", "true"), Requester::Operator)
+        .expect("add still works");
     // A negative: give the scheduler a fair chance to (wrongly) start it.
     let started = tokio::time::timeout(
         Duration::from_millis(300),
@@ -590,11 +633,15 @@ async fn tasks_start_in_creation_order_up_to_the_limit() {
         .await
         .expect("started");
     m.set_hold(true);
-    let order = f.work_dir.join("order.txt");
+    // Each task runs as a user of its own: they share a file anyone may write.
+    let order = f._dir.path().join("order.txt");
+    std::fs::write(&order, "").expect("order file");
+    std::fs::set_permissions(&order, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let ids = ["c", "a", "b"];
     for id in ids {
         let line = format!("echo $REIMAGE_TASK_ID >> '{}'", order.display());
-        m.add(request(id, &line)).expect("added");
+        m.add(request(id, &line), Requester::Operator)
+            .expect("added");
     }
     assert_eq!(
         m.list().iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
