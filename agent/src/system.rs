@@ -2,13 +2,14 @@
 //! hand: this boot's id, when it booted, memory available, mounts.
 
 use jiff::Timestamp;
+use std::io;
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`); it changes on every
-/// boot. Empty when it cannot be read, which no real boot id equals.
-pub fn boot_id() -> String {
+/// boot.
+pub fn boot_id() -> io::Result<String> {
     procfs::sys::kernel::random::boot_id()
         .map(|id| id.trim().to_string())
-        .unwrap_or_default()
+        .map_err(io::Error::other)
 }
 
 /// When the machine booted (`btime` of `/proc/stat`).
@@ -31,9 +32,9 @@ mod tests {
 
     #[test]
     fn this_boot_has_an_id_a_start_and_free_memory() {
-        let id = boot_id();
+        let id = boot_id().expect("boot id");
         assert_eq!(id.len(), 36, "{id}");
-        assert_eq!(boot_id(), id, "stable within a boot");
+        assert_eq!(boot_id().expect("boot id"), id, "stable within a boot");
         let booted = boot_time().expect("boot time");
         assert!(booted < Timestamp::now());
         assert!(memory_available().expect("MemAvailable") > 0);

@@ -107,37 +107,31 @@ pub(crate) struct MountEntry {
     pub source: String,
 }
 
-/// Parses `/proc/self/mountinfo` (see proc(5)): field 3 is `major:minor`,
-/// field 4 the root, 5 the mount point, 6 the mount options; after the `-`
-/// separator come the filesystem type and the mount source. Malformed lines
-/// are skipped.
+/// The mounts of a `/proc/self/mountinfo` text, split into fields by
+/// procfs; malformed lines are skipped. procfs leaves the kernel's octal
+/// escapes (`\040` for a space) in paths, so they are undone here.
 pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dev = DevNum::parse(fields.get(2)?)?;
-            let root = unescape(fields.get(3)?);
-            let mount_point = unescape(fields.get(4)?);
-            let read_only = fields.get(5)?.split(',').any(|option| option == "ro");
-            // Optional fields (shared:N, master:N) vary in number; the type
-            // and source are the two fields after the lone "-".
-            let separator = fields.iter().skip(6).position(|f| *f == "-")? + 6;
-            let fstype = unescape(fields.get(separator + 1)?);
-            let source = unescape(fields.get(separator + 2)?);
+        .filter_map(|line| procfs::process::MountInfo::from_line(line).ok())
+        .filter_map(|mount| {
             Some(MountEntry {
-                dev,
-                root,
-                mount_point,
-                read_only,
-                fstype,
-                source,
+                dev: DevNum::parse(&mount.majmin)?,
+                root: unescape(&mount.root),
+                mount_point: unescape(&mount.mount_point.to_string_lossy()),
+                read_only: mount.mount_options.contains_key("ro"),
+                source: mount
+                    .mount_source
+                    .as_deref()
+                    .map(unescape)
+                    .unwrap_or_default(),
+                fstype: unescape(&mount.fs_type),
             })
         })
         .collect()
 }
 
 /// Parses `/proc/swaps` into the paths of the active swap areas (header and
-/// malformed lines skipped).
+/// malformed lines skipped); procfs has no reader for it.
 pub(crate) fn parse_swaps(text: &str) -> Vec<String> {
     text.lines()
         .skip(1)

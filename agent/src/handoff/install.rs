@@ -199,10 +199,16 @@ fn runtime_files(exe: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
 
 /// The shared objects among the file mappings of `/proc/self/maps`.
 fn mapped_libraries(maps: &str, exe: &Path) -> BTreeSet<PathBuf> {
+    use procfs::FromBufRead;
+    use procfs::process::MemoryMaps;
+    // Line by line: one line procfs cannot read must not hide the others.
     maps.lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .filter(|path| path.starts_with('/'))
-        .map(PathBuf::from)
+        .filter_map(|line| MemoryMaps::from_buf_read(line.as_bytes()).ok())
+        .flatten()
+        .filter_map(|map| match map.pathname {
+            procfs::process::MMapPath::Path(path) => Some(path),
+            _ => None,
+        })
         .filter(|path| {
             path != exe
                 && path
@@ -295,13 +301,14 @@ mod tests {
     #[test]
     fn libraries_are_the_shared_objects_mapped_into_the_process() {
         let maps = "\
-55d0 r--p 00000000 fe:01 11 /usr/bin/reimage-agent
-7f00 r--p 00000000 fe:01 12 /usr/lib/x86_64-linux-gnu/libc.so.6
-7f01 r-xp 00001000 fe:01 12 /usr/lib/x86_64-linux-gnu/libc.so.6
-7f02 r--p 00000000 fe:01 13 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
-7f03 rw-p 00000000 00:00 0  [heap]
-7f04 rw-p 00000000 00:00 0
-7f05 r--p 00000000 fe:01 14 /usr/share/locale/locale-archive
+55d0a000-55d0b000 r--p 00000000 fe:01 11                  /usr/bin/reimage-agent
+7f00a000-7f00b000 r--p 00000000 fe:01 12                  /usr/lib/x86_64-linux-gnu/libc.so.6
+7f01a000-7f01b000 r-xp 00001000 fe:01 12                  /usr/lib/x86_64-linux-gnu/libc.so.6
+7f02a000-7f02b000 r--p 00000000 fe:01 13                  /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+7f03a000-7f03b000 rw-p 00000000 00:00 0                   [heap]
+7f04a000-7f04b000 rw-p 00000000 00:00 0 
+bad line
+7f05a000-7f05b000 r--p 00000000 fe:01 14                  /usr/share/locale/locale-archive
 ";
         let libs = mapped_libraries(maps, Path::new("/usr/bin/reimage-agent"));
         let libs: Vec<&str> = libs.iter().filter_map(|p| p.to_str()).collect();

@@ -62,9 +62,7 @@ pub struct Room {
 impl Room {
     /// Measures both areas now.
     pub fn measure(state_dir: &Path) -> Result<Room> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo")
-            .map_err(|e| Error::io("reading /proc/meminfo", e))?;
-        let available = mem_available(&meminfo).ok_or_else(|| {
+        let available = crate::system::memory_available().ok_or_else(|| {
             Error::io(
                 "reading /proc/meminfo",
                 io::Error::other("no MemAvailable line"),
@@ -77,13 +75,6 @@ impl Room {
             state_dir: stat.blocks_available() as u64 * stat.fragment_size() as u64,
         })
     }
-}
-
-/// `MemAvailable` of `/proc/meminfo`, in bytes.
-fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Picks the area for an image of `needed` staged bytes (the download's
@@ -276,13 +267,6 @@ mod tests {
     use reimage_protocol::ErrorCode;
 
     const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn mem_available_is_read_in_bytes() {
-        let text = "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   2048 kB\n";
-        assert_eq!(mem_available(text), Some(2048 * 1024));
-        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
-    }
 
     #[test]
     fn the_area_follows_the_choice_and_the_room() {

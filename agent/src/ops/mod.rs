@@ -82,7 +82,8 @@ impl Agent {
             config,
             store,
             tasks,
-            boot_id: crate::system::boot_id(),
+            // Empty when it cannot be read, which no recorded boot id equals.
+            boot_id: crate::system::boot_id().unwrap_or_default(),
             boot_time: crate::system::boot_time(),
             started_at: Timestamp::now(),
             state: Mutex::new(State {

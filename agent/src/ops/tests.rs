@@ -62,7 +62,7 @@ async fn a_reboot_into_a_new_boot_confirms_the_operation() {
 #[tokio::test]
 async fn the_same_boot_after_a_restart_means_the_reboot_did_not_happen() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let record = rebooting(&crate::system::boot_id());
+    let record = rebooting(&crate::system::boot_id().expect("boot id"));
     let agent = agent_after_restart(dir.path(), &record).await;
     let op = agent.operation(&record.operation.id).expect("operation");
     assert_eq!(op.status, OperationStatus::Failed);

@@ -116,7 +116,7 @@ impl ProcessIdentity {
         Ok(ProcessIdentity {
             pid,
             start_time: read_stat(pid)?.starttime,
-            boot_id: boot_id()?,
+            boot_id: crate::system::boot_id()?,
         })
     }
 
@@ -127,7 +127,7 @@ impl ProcessIdentity {
     /// use as a process group id, so a leaderless group with the recorded id
     /// is that group's remains.
     pub fn surviving_members(&self) -> Vec<i32> {
-        if boot_id().ok().as_deref() != Some(self.boot_id.as_str()) {
+        if crate::system::boot_id().ok().as_deref() != Some(self.boot_id.as_str()) {
             return Vec::new();
         }
         match read_stat(self.pid) {
@@ -142,13 +142,6 @@ impl ProcessIdentity {
             .map(|(pid, _)| pid)
             .collect()
     }
-}
-
-/// This boot's id; it changes on every boot.
-pub(crate) fn boot_id() -> io::Result<String> {
-    procfs::sys::kernel::random::boot_id()
-        .map(|id| id.trim().to_owned())
-        .map_err(proc_error)
 }
 
 /// `/proc/PID/stat`.
@@ -265,7 +258,7 @@ mod tests {
     fn this_process_has_an_identity() -> io::Result<()> {
         let me = ProcessIdentity::of(std::process::id() as i32)?;
         assert!(me.start_time > 0);
-        assert_eq!(me.boot_id, boot_id()?);
+        assert_eq!(me.boot_id, crate::system::boot_id()?);
         let reused = ProcessIdentity {
             start_time: me.start_time + 1,
             ..me.clone()
