@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result, bail};
 use reimage_agent::daemon::Daemon;
-use reimage_agent::disk::gpt::{SparseDisk, render};
 use reimage_protocol::api::{Operation, OperationStatus, Task};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -41,12 +40,16 @@ async fn demo() -> Result<()> {
         &storage.sha[..16]
     ));
 
-    let image = demo_image()?;
-    let image_sha = hex::encode(Sha256::digest(&image));
-    let packed = zstd::encode_all(&image[..], 3)?;
-    let image_url = serve_image(packed).await?;
+    // The sandbox's own test image, served over HTTP so that the reimages
+    // download it as a fleet node would.
+    let packed_at = dir.join(reimage_agent::sandbox::IMAGE_FILE);
+    let manifest_at = reimage_agent::image::pack::manifest_path(&packed_at);
+    let manifest = reimage_agent::image::manifest::parse(&std::fs::read(&manifest_at)?)?;
+    let image_sha = manifest.sha256;
+    let image_url = serve_image(std::fs::read(&packed_at)?).await?;
     say(&format!(
-        "a 64 MiB GPT image (efi + root), zstd, served at {image_url}"
+        "a {} MiB GPT image (efi + root), zstd, served at {image_url}",
+        manifest.size / MIB
     ));
 
     let daemon = Daemon::start(config.clone()).await?;
@@ -178,30 +181,6 @@ fn fill_local_storage_sha(target: &Path, storage: &Storage) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-/// A 64 MiB image: GPT with efi (1–33 MiB) and root, random and zero data.
-fn demo_image() -> Result<Vec<u8>> {
-    let size = 64 * MIB;
-    let mut image = vec![0u8; size as usize];
-    for mib in (1..60).step_by(8) {
-        let at = (mib * MIB) as usize;
-        getrandom::fill(&mut image[at..at + MIB as usize])
-            .map_err(|e| anyhow::anyhow!("random data: {e}"))?;
-    }
-    let mut sparse = SparseDisk::new(size, 512);
-    let mut table = gptman::GPT::new_from(&mut sparse, 512, [0x5e; 16])?;
-    for (index, name, first, last) in [(1u32, "efi", 1u64, 33u64), (2, "root", 33, 63)] {
-        table[index] = gptman::GPTPartitionEntry {
-            partition_type_guid: [index as u8; 16],
-            unique_partition_guid: [0xd0 + index as u8; 16],
-            starting_lba: first * MIB / 512,
-            ending_lba: last * MIB / 512 - 1,
-            attribute_bits: 0,
-            partition_name: name.into(),
-        };
-    }
-    render(&mut table, size, None)?.apply_to(&mut image);
-    Ok(image)
-}
 
 /// Serves `bytes` at `/os.img.zst` on 127.0.0.1 for the rest of the demo.
 async fn serve_image(bytes: Vec<u8>) -> Result<String> {
