@@ -724,24 +724,171 @@ fn disabling_scheduling_keeps_tasks_queued_until_enabled() {
     node.wait_task("queued", "completed");
 }
 
+/// `/metrics` as text.
+fn metrics(node: &Node) -> String {
+    let (status, headers, body) =
+        node.daemon
+            .request(Method::GET, "/metrics", Some(READER), None, &[]);
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{headers:?}"
+    );
+    body.as_str().expect("text").to_string()
+}
+
+/// The value of the sample `name` (with its labels) in `text`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `promtool check metrics` on `text`; `None` (with a printed reason)
+/// where promtool is not installed.
+fn promtool_check(text: &str) -> Option<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("skipping the promtool check: promtool is not installed (Debian: prometheus)");
+        return None;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("promtool ran");
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 #[test]
-fn metrics_show_operations_and_tasks() {
+fn metrics_count_what_happened_and_keep_it_after_the_operation_ends() {
     let node = node();
+    let idle = metrics(&node);
+    if let Some(lint) = promtool_check(&idle) {
+        assert!(
+            lint.trim().is_empty(),
+            "promtool lints the idle metrics: {lint}"
+        );
+    }
+    assert_eq!(
+        sample(&idle, r#"reimage_node_state{state="idle"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&idle, r#"reimage_scheduling_state{state="enabled"}"#),
+        Some(1.0)
+    );
+    assert!(idle.contains("reimage_build_info{version="), "{idle}");
+
     node.add_task("m", "true", None);
     node.wait_task("m", "completed");
-    let (status, _, body) = node
-        .daemon
-        .request(Method::GET, "/metrics", Some(READER), None, &[]);
-    assert_eq!(status, 200);
-    let text = body.as_str().expect("text");
-    assert!(
-        text.contains("reimage_tasks{state=\"completed\"} 1"),
-        "{text}"
+    node.add_task("slow", "sleep 3", None);
+    node.wait_task("slow", "running");
+    let body = json!({
+        "nodeReimageOption": "taskcompletion",
+        "image": {"url": node.server.url("/os.img.zst"), "sha256": node.image_sha},
+    });
+    let (status, answer) = node.daemon.post("/v1/node/reimage", ADMIN, body);
+    assert_eq!(status, 202, "{answer}");
+    let op = answer["id"].as_str().expect("id").to_string();
+    // The operation enters its first phase just after it is accepted.
+    node.daemon
+        .wait_for("the drain", &format!("/v1/operations/{op}"), |o| {
+            o["phase"] == "waitingForTasks"
+        });
+    let during = metrics(&node);
+    if let Some(lint) = promtool_check(&during) {
+        assert!(
+            lint.trim().is_empty(),
+            "promtool lints the metrics during a reimage: {lint}"
+        );
+    }
+    assert_eq!(
+        sample(&during, r#"reimage_node_state{state="reimaging"}"#),
+        Some(1.0),
+        "{during}"
+    );
+    assert_eq!(
+        sample(
+            &during,
+            r#"reimage_operation_phase{phase="waitingForTasks"}"#
+        ),
+        Some(1.0),
+        "{during}"
+    );
+    assert_eq!(node.daemon.wait_operation(&op)["status"], "Succeeded");
+
+    let after = metrics(&node);
+    promtool_check(&after);
+    let succeeded = r#"reimage_operations_total{code="",kind="reimage",status="Succeeded"}"#;
+    assert_eq!(sample(&after, succeeded), Some(1.0), "{after}");
+    let written = sample(&after, "reimage_bytes_written_total").expect("bytes written");
+    assert!(written >= (16u64 << 20) as f64, "{written}");
+    let downloaded = sample(&after, "reimage_bytes_downloaded_total").expect("downloaded");
+    assert!(downloaded > 0.0, "{downloaded}");
+    assert_eq!(
+        sample(&after, r#"reimage_tasks_total{state="completed"}"#),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"reimage_operation_duration_seconds_count{kind="reimage",status="Succeeded"}"#
+        ),
+        Some(1.0),
+        "{after}"
     );
     assert!(
-        text.contains("reimage_operations{status=\"Succeeded\"} 0"),
-        "{text}"
+        sample(
+            &after,
+            r#"reimage_phase_duration_seconds_count{phase="waitingForTasks"}"#
+        ) == Some(1.0),
+        "{after}"
     );
+    assert!(
+        sample(
+            &after,
+            r#"reimage_last_operation_timestamp_seconds{status="Succeeded"}"#
+        )
+        .is_some_and(|t| t > 1.7e9),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, r#"reimage_node_state{state="idle"}"#),
+        Some(1.0)
+    );
+    assert!(
+        after.contains(
+            r#"reimage_api_requests_total{method="POST",route="/v1/node/reimage",status="202"} 1"#
+        ),
+        "{after}"
+    );
+
+    // The history survives a restart of the agent.
+    let mut node = node;
+    node.daemon.kill9_and_restart();
+    let restarted = metrics(&node);
+    assert_eq!(sample(&restarted, succeeded), Some(1.0), "{restarted}");
 }
 
 #[test]

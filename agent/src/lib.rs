@@ -13,6 +13,7 @@ pub mod duration;
 pub mod error;
 pub mod handoff;
 pub mod image;
+pub mod metrics;
 pub mod ops;
 pub mod pipeline;
 pub mod progress;

@@ -20,6 +20,32 @@ pub enum NodeState {
     Offline,
 }
 
+impl NodeState {
+    /// Every state.
+    pub const ALL: [NodeState; 7] = [
+        NodeState::Idle,
+        NodeState::Running,
+        NodeState::Reimaging,
+        NodeState::Rebooting,
+        NodeState::Starting,
+        NodeState::Unusable,
+        NodeState::Offline,
+    ];
+
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Idle => "idle",
+            NodeState::Running => "running",
+            NodeState::Reimaging => "reimaging",
+            NodeState::Rebooting => "rebooting",
+            NodeState::Starting => "starting",
+            NodeState::Unusable => "unusable",
+            NodeState::Offline => "offline",
+        }
+    }
+}
+
 /// Whether the node takes new tasks.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +235,16 @@ pub enum OperationKind {
     Reboot,
 }
 
+impl OperationKind {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Reimage => "reimage",
+            OperationKind::Reboot => "reboot",
+        }
+    }
+}
+
 /// Where an operation stands.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +252,17 @@ pub enum OperationStatus {
     InProgress,
     Succeeded,
     Failed,
+}
+
+impl OperationStatus {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationStatus::InProgress => "InProgress",
+            OperationStatus::Succeeded => "Succeeded",
+            OperationStatus::Failed => "Failed",
+        }
+    }
 }
 
 /// Bytes moved by the running phase; once the write finished, what it
@@ -554,6 +601,23 @@ mod tests {
             TaskIsolation::Cgroup
         );
         assert_eq!(TaskIsolation::default(), TaskIsolation::ProcessGroup);
+    }
+
+    #[test]
+    fn states_kinds_and_statuses_are_spelt_as_on_the_wire() {
+        for state in NodeState::ALL {
+            assert_eq!(serde_json::to_value(state).expect("json"), state.as_str());
+        }
+        for kind in [OperationKind::Reimage, OperationKind::Reboot] {
+            assert_eq!(serde_json::to_value(kind).expect("json"), kind.as_str());
+        }
+        for status in [
+            OperationStatus::InProgress,
+            OperationStatus::Succeeded,
+            OperationStatus::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(status).expect("json"), status.as_str());
+        }
     }
 
     #[test]

@@ -26,6 +26,36 @@ pub enum Phase {
     Done,
 }
 
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 9] = [
+        Phase::WaitingForTasks,
+        Phase::WaitingForRetention,
+        Phase::Staging,
+        Phase::Downloading,
+        Phase::Verifying,
+        Phase::SavingPartitions,
+        Phase::Rebooting,
+        Phase::Confirming,
+        Phase::Done,
+    ];
+
+    /// The wire spelling (`waitingForTasks`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::WaitingForTasks => "waitingForTasks",
+            Phase::WaitingForRetention => "waitingForRetention",
+            Phase::Staging => "staging",
+            Phase::Downloading => "downloading",
+            Phase::Verifying => "verifying",
+            Phase::SavingPartitions => "savingPartitions",
+            Phase::Rebooting => "rebooting",
+            Phase::Confirming => "confirming",
+            Phase::Done => "done",
+        }
+    }
+}
+
 /// One progress report: `{"phase","bytesWritten","totalBytes","bytesPerSecond"}`.
 /// During `verifying`, `bytesWritten` counts the bytes read back.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
@@ -42,6 +72,17 @@ pub struct WriteProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_are_spelt_as_on_the_wire() {
+        for phase in Phase::ALL {
+            assert_eq!(
+                serde_json::to_value(phase).expect("json"),
+                phase.as_str(),
+                "{phase:?}"
+            );
+        }
+    }
 
     #[test]
     fn progress_is_camel_case_json() {

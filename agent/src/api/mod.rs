@@ -29,7 +29,6 @@ use reimage_protocol::api::{
     AddTaskRequest, DisableSchedulingRequest, ErrorBody, List, Node, Operation, RebootRequest,
     ReimageRequest, Task,
 };
-use std::fmt::Write as _;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -113,6 +112,13 @@ pub fn router(state: ApiState) -> Router {
 /// echoes `client-request-id` when the caller sent
 /// `return-client-request-id: true` (as Batch does).
 async fn request_id(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    // The route's template, not the path: ids in paths must not become labels.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let echo = request
         .headers()
         .get(RETURN_CLIENT_REQUEST_ID)
@@ -131,6 +137,15 @@ async fn request_id(request: Request, next: Next) -> Response {
     {
         response.headers_mut().insert(REQUEST_ID, value);
     }
+    let metrics = crate::metrics::global();
+    metrics
+        .api_requests
+        .with_label_values(&[method.as_str(), &route, response.status().as_str()])
+        .inc();
+    metrics
+        .api_request_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -412,53 +427,20 @@ async fn task_file(
         .into_response())
 }
 
-/// Prometheus text: operations by status, the write's bytes and rate, tasks
-/// by state, bytes held by retained task data.
+/// Prometheus text: counters of operations (by kind, status and code),
+/// bytes downloaded and written, retries, read-back mismatches, task
+/// transitions and API requests; histograms of operation, phase and
+/// request durations; gauges of the node's state, scheduling, the current
+/// phase and its progress, tasks by state, retained bytes, the last
+/// operation's time and the build.
 #[utoipa::path(get, path = "/metrics", tag = "agent",
     responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    let agent = &state.agent;
-    let mut text = String::new();
-    let _ = writeln!(
-        text,
-        "# HELP reimage_operations Operations by status.\n# TYPE reimage_operations gauge"
-    );
-    for (status, count) in agent.operation_counts() {
-        let _ = writeln!(text, "reimage_operations{{status=\"{status}\"}} {count}");
-    }
-    let progress = agent.current_progress().unwrap_or_default();
-    let _ = writeln!(
-        text,
-        "# HELP reimage_write_bytes Bytes of the running phase.\n# TYPE reimage_write_bytes gauge\nreimage_write_bytes {}",
-        progress.bytes_written
-    );
-    let _ = writeln!(
-        text,
-        "# HELP reimage_write_bytes_per_second Rate of the running phase.\n# TYPE reimage_write_bytes_per_second gauge\nreimage_write_bytes_per_second {}",
-        progress.bytes_per_second
-    );
-    let _ = writeln!(
-        text,
-        "# HELP reimage_tasks Tasks by state.\n# TYPE reimage_tasks gauge"
-    );
-    let counts = agent.tasks.counts_by_state();
-    for (name, state) in [
-        ("active", reimage_protocol::api::TaskState::Active),
-        ("running", reimage_protocol::api::TaskState::Running),
-        ("completed", reimage_protocol::api::TaskState::Completed),
-    ] {
-        let _ = writeln!(
-            text,
-            "reimage_tasks{{state=\"{name}\"}} {}",
-            counts.get(&state).copied().unwrap_or(0)
-        );
-    }
-    let _ = writeln!(
-        text,
-        "# HELP reimage_retained_bytes Bytes held by completed tasks' retained data.\n# TYPE reimage_retained_bytes gauge\nreimage_retained_bytes {}",
-        agent.tasks.retained_bytes()
-    );
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    state.agent.observe_gauges();
+    (
+        [(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::global().render(),
+    )
 }
 
 /// This description (OpenAPI 3.1), generated from the routes and the wire types.

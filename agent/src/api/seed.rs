@@ -208,11 +208,7 @@ pub struct ServiceManagementOperation {
 
 impl ServiceManagementOperation {
     fn to_xml(&self) -> String {
-        let status = match self.status {
-            OperationStatus::InProgress => "InProgress",
-            OperationStatus::Succeeded => "Succeeded",
-            OperationStatus::Failed => "Failed",
-        };
+        let status = self.status.as_str();
         let mut xml = format!(
             "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Operation xmlns=\"{MS_NAMESPACE}\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <ID>{}</ID>\n  <Status>{status}</Status>\n",
             escape(&self.id)

@@ -401,6 +401,7 @@ impl HttpSource {
             });
         }
         let delay = backoff_delay(&self.opts, self.failures);
+        crate::metrics::global().http_retries.inc();
         tracing::warn!(
             url = %self.shown,
             position = self.pos,
@@ -519,6 +520,7 @@ impl Read for HttpSource {
         }
         let n = buf.len().min(self.pending.len());
         buf[..n].copy_from_slice(&self.pending.split_to(n));
+        crate::metrics::global().bytes_downloaded.inc_by(n as u64);
         Ok(n)
     }
 }

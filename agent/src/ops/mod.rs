@@ -28,11 +28,12 @@ use jiff::Timestamp;
 use record::{NodeRecord, OperationRecord};
 use reimage_protocol::Phase;
 use reimage_protocol::api::{
-    DiskInfo, Node, NodeState, Operation, OperationKind, OperationProgress, OperationStatus,
-    SchedulingState,
+    DiskInfo, Node, NodeState, Operation, OperationKind, OperationStatus, SchedulingState,
+    TaskState,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// [`Table::Node`] key of the [`NodeRecord`].
 const NODE_KEY: &str = "node";
@@ -59,6 +60,8 @@ struct State {
     node: NodeRecord,
     operations: BTreeMap<String, OperationRecord>,
     current: Option<String>,
+    /// The phase the current operation entered last, and when.
+    phase_clock: Option<(String, Phase, Instant)>,
 }
 
 impl Agent {
@@ -73,11 +76,12 @@ impl Agent {
         let node = store
             .get::<NodeRecord>(Table::Node, NODE_KEY)?
             .unwrap_or_else(NodeRecord::new);
-        let operations = store
+        let operations: BTreeMap<String, OperationRecord> = store
             .list::<OperationRecord>(Table::Operations)?
             .into_iter()
             .collect();
         tasks.set_scheduling(node.scheduling == SchedulingState::Enabled);
+        count_finished(operations.values());
         let agent = Arc::new(Agent {
             config,
             store,
@@ -90,6 +94,7 @@ impl Agent {
                 node,
                 operations,
                 current: None,
+                phase_clock: None,
             }),
             mutations: tokio::sync::Mutex::new(()),
             disk,
@@ -214,23 +219,72 @@ impl Agent {
         all
     }
 
-    /// Counts for `/metrics`.
-    pub fn operation_counts(&self) -> BTreeMap<&'static str, u64> {
-        let mut counts = BTreeMap::from([("InProgress", 0), ("Succeeded", 0), ("Failed", 0)]);
-        for record in self.lock().operations.values() {
-            let key = match record.operation.status {
-                OperationStatus::InProgress => "InProgress",
-                OperationStatus::Succeeded => "Succeeded",
-                OperationStatus::Failed => "Failed",
-            };
-            *counts.entry(key).or_default() += 1;
+    /// Sets the gauges of `/metrics` from the node's state now.
+    pub fn observe_gauges(&self) {
+        let metrics = crate::metrics::global();
+        let node = self.node();
+        for state in NodeState::ALL {
+            metrics
+                .node_state
+                .with_label_values(&[state.as_str()])
+                .set(i64::from(state == node.state));
         }
-        counts
+        for (name, scheduling) in [
+            ("enabled", SchedulingState::Enabled),
+            ("disabled", SchedulingState::Disabled),
+        ] {
+            metrics
+                .scheduling_state
+                .with_label_values(&[name])
+                .set(i64::from(scheduling == node.scheduling_state));
+        }
+        let current = self.current_operation();
+        let phase = current.as_ref().and_then(|op| op.phase);
+        for each in Phase::ALL {
+            metrics
+                .operation_phase
+                .with_label_values(&[each.as_str()])
+                .set(i64::from(Some(each) == phase));
+        }
+        let progress = current.map(|op| op.progress).unwrap_or_default();
+        let to_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.progress_bytes.set(to_gauge(progress.bytes_written));
+        metrics
+            .progress_total_bytes
+            .set(to_gauge(progress.total_bytes.unwrap_or(0)));
+        for (state, count) in self.tasks.counts_by_state() {
+            let name = match state {
+                TaskState::Active => "active",
+                TaskState::Running => "running",
+                TaskState::Completed => "completed",
+            };
+            metrics
+                .tasks_by_state
+                .with_label_values(&[name])
+                .set(to_gauge(count));
+        }
+        metrics
+            .retained_bytes
+            .set(to_gauge(self.tasks.retained_bytes()));
     }
 
-    /// Progress of the running operation, for `/metrics`.
-    pub fn current_progress(&self) -> Option<OperationProgress> {
-        self.current_operation().map(|op| op.progress)
+    /// Notes that operation `id` entered `phase` (`None`: it ended): the
+    /// phase it leaves is timed.
+    fn clock_phase(&self, id: &str, phase: Option<Phase>) {
+        let mut state = self.lock();
+        let left = match (&state.phase_clock, phase) {
+            (Some((op, was, _)), Some(now)) if op == id && *was == now => return,
+            (Some((op, was, since)), _) if op == id => Some((*was, since.elapsed())),
+            _ => None,
+        };
+        state.phase_clock = phase.map(|p| (id.to_string(), p, Instant::now()));
+        drop(state);
+        if let Some((was, took)) = left {
+            crate::metrics::global()
+                .phase_duration
+                .with_label_values(&[was.as_str()])
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// Changes the record of operation `id` and persists it.
@@ -263,5 +317,37 @@ impl Agent {
         let mut state = self.lock();
         change(&mut state.node);
         self.store.put(Table::Node, NODE_KEY, &state.node)
+    }
+}
+
+/// Counts the operations that ended before this agent started, so that
+/// `reimage_operations_total` and the last-operation times tell the
+/// node's history, not just this process's.
+fn count_finished<'a>(records: impl Iterator<Item = &'a OperationRecord>) {
+    for record in records {
+        let op = &record.operation;
+        if op.status != OperationStatus::InProgress {
+            count_end(op);
+        }
+    }
+}
+
+/// Counts operation `op`, which ended.
+fn count_end(op: &Operation) {
+    let metrics = crate::metrics::global();
+    let code = op
+        .error
+        .as_ref()
+        .map(|e| e.code.to_string())
+        .unwrap_or_default();
+    metrics
+        .operations
+        .with_label_values(&[op.kind.as_str(), op.status.as_str(), &code])
+        .inc();
+    if let Some(ended) = op.ended_at {
+        let last = metrics
+            .last_operation
+            .with_label_values(&[op.status.as_str()]);
+        last.set(last.get().max(ended.as_second()));
     }
 }

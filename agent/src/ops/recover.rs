@@ -136,6 +136,7 @@ impl Agent {
                 } else {
                     0
                 };
+                crate::metrics::global().bytes_written.inc_by(size);
                 self.update(id, |op| {
                     op.progress = OperationProgress {
                         bytes_written: size,

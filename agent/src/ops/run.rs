@@ -220,6 +220,18 @@ impl Agent {
         };
         let phase_changed =
             progress.phase != Phase::Done && record.operation.phase != Some(progress.phase);
+        if progress.phase == Phase::Downloading {
+            // Bytes reach the target only in this phase (staging writes the
+            // staging area, the handoff's write is counted at confirmation).
+            let before = if phase_changed {
+                0
+            } else {
+                record.operation.progress.bytes_written
+            };
+            crate::metrics::global()
+                .bytes_written
+                .inc_by(progress.bytes_written.saturating_sub(before));
+        }
         if progress.phase != Phase::Done {
             record.operation.phase = Some(progress.phase);
         }
@@ -229,7 +241,16 @@ impl Agent {
             bytes_per_second: progress.bytes_per_second,
         };
         record.operation.updated_at = Timestamp::now();
-        if phase_changed && let Err(err) = self.store.put(Table::Operations, id, &*record) {
+        let persisted = if phase_changed {
+            self.store.put(Table::Operations, id, &*record)
+        } else {
+            Ok(())
+        };
+        drop(state);
+        if phase_changed {
+            self.clock_phase(id, Some(progress.phase));
+        }
+        if let Err(err) = persisted {
             tracing::warn!(operation = %id, %err, "could not persist the phase");
         }
     }
@@ -285,6 +306,9 @@ impl Agent {
         disk_touched: bool,
     ) -> crate::Result<()> {
         tracing::warn!(operation = %id, %code, message, "operation failed");
+        if code == ErrorCode::ReadbackMismatch {
+            crate::metrics::global().readback_mismatches.inc();
+        }
         let error = NodeError {
             code: code.clone(),
             message: message.to_string(),
@@ -324,6 +348,14 @@ impl Agent {
             op.duration_seconds = Some(ended.duration_since(op.created_at).as_secs_f64().max(0.0));
             change(op);
         });
+        self.clock_phase(id, None);
+        if let Some(op) = self.operation(id) {
+            super::count_end(&op);
+            crate::metrics::global()
+                .operation_duration
+                .with_label_values(&[op.kind.as_str(), op.status.as_str()])
+                .observe(op.duration_seconds.unwrap_or(0.0));
+        }
         {
             let mut state = self.lock();
             if state.current.as_deref() == Some(id) {
@@ -337,6 +369,7 @@ impl Agent {
     }
 
     pub(super) fn set_phase(&self, id: &str, phase: Phase) -> crate::Result<()> {
+        self.clock_phase(id, Some(phase));
         self.update(id, |op| op.phase = Some(phase))
     }
 }

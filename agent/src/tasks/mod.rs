@@ -316,6 +316,10 @@ impl TaskManager {
         state.next_seq += 1;
         let task = record.task.clone();
         state.records.insert(id, record);
+        crate::metrics::global()
+            .tasks
+            .with_label_values(&["active"])
+            .inc();
         drop(state);
         tracing::info!(task = %task.id, "task added");
         self.changed();
@@ -685,6 +689,10 @@ impl TaskManager {
             return;
         };
         record.task.state = TaskState::Running;
+        crate::metrics::global()
+            .tasks
+            .with_label_values(&["running"])
+            .inc();
         record.task.state_transition_time = now;
         let info = &mut record.task.execution_info;
         info.start_time = Some(now);
@@ -910,6 +918,10 @@ impl TaskManager {
             Outcome::Stopped(StopMode::Requeue) => {
                 if let Some(record) = state.records.get_mut(id) {
                     record.task.state = TaskState::Active;
+                    crate::metrics::global()
+                        .tasks
+                        .with_label_values(&["active"])
+                        .inc();
                     record.task.state_transition_time = now;
                     record.task.execution_info.requeue_count += 1;
                     record.process = None;
@@ -962,6 +974,10 @@ impl TaskManager {
             return;
         };
         record.task.state = TaskState::Completed;
+        crate::metrics::global()
+            .tasks
+            .with_label_values(&["completed"])
+            .inc();
         record.task.state_transition_time = now;
         record.task.retention_expiry =
             Some(now.checked_add(record.retention).unwrap_or(Timestamp::MAX));
@@ -1131,6 +1147,10 @@ async fn requeue_orphans(
         .filter(|r| r.task.state == TaskState::Running)
     {
         record.task.state = TaskState::Active;
+        crate::metrics::global()
+            .tasks
+            .with_label_values(&["active"])
+            .inc();
         record.task.state_transition_time = now;
         record.task.execution_info.requeue_count += 1;
         record.process = None;

@@ -181,7 +181,6 @@ fn fill_local_storage_sha(target: &Path, storage: &Storage) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-
 /// Serves `bytes` at `/os.img.zst` on 127.0.0.1 for the rest of the demo.
 async fn serve_image(bytes: Vec<u8>) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
