@@ -326,6 +326,9 @@ fn a_fleet_rolls_in_waves_and_stops_at_the_first_failure() {
         "--output",
         "json",
         "reimage",
+        // No canary wave: one window of two nodes slides over the fleet.
+        "--waves",
+        "100%",
         "--max-parallel",
         "2",
         "--max-failures",

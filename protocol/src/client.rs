@@ -27,6 +27,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often [`Client::follow_operation`] asks by default.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// A kept-alive connection unused this long is closed: longer than the
+/// poll interval, so a followed operation keeps its one connection, and
+/// short, so a fleet's finished nodes do not each keep an fd open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -132,6 +136,18 @@ pub enum WaitEvent<'a> {
     Unreachable(&'a ClientError),
 }
 
+/// Which connections a [`Client`] keeps open after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// At most one idle connection per agent, closed after 2 s unused: a
+    /// followed operation reuses it, a finished node's goes away.
+    OnePerAgent,
+    /// None: every request opens its own connection and closes it, so the
+    /// open fds are exactly the requests in flight (one-shot reads of many
+    /// agents at once).
+    None,
+}
+
 /// A client of one agent. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Client {
@@ -157,11 +173,27 @@ impl Client {
     /// A client of the agent at `base_url` (`http://10.0.0.5:7480`, or an
     /// `https://` URL, possibly with a path prefix) sending `token`.
     pub fn new(base_url: &str, token: Option<String>) -> Result<Client, ClientError> {
+        Client::with_pool(base_url, token, KeepAlive::OnePerAgent)
+    }
+
+    /// As [`Client::new`], with `keep_alive` deciding which connections
+    /// outlive their request (so a fleet's fds follow its parallelism).
+    pub fn with_pool(
+        base_url: &str,
+        token: Option<String>,
+        keep_alive: KeepAlive,
+    ) -> Result<Client, ClientError> {
         let base_url = parse_base_url(base_url)?;
         install_crypto_provider();
+        let idle_per_agent = match keep_alive {
+            KeepAlive::OnePerAgent => 1,
+            KeepAlive::None => 0,
+        };
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(idle_per_agent)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .user_agent(concat!("reimage-protocol/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Transport(format!("building the HTTP client: {e}")))?;
@@ -290,6 +322,36 @@ impl Client {
             }
             tokio::time::sleep(self.poll_interval.min(remaining)).await;
         }
+    }
+
+    /// The SHA-256 of the raw image an image manifest at `url` describes.
+    /// The manifest lives on an image server, not on the agent: it is
+    /// fetched without the agent's token.
+    pub async fn manifest_sha256(&self, url: &str) -> Result<String, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Described {
+            sha256: String,
+        }
+        let what = format!("GET {url}");
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| transport_error(&what, &e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(&what, &e))?;
+        if !status.is_success() {
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                body: error_body(status, &bytes),
+            });
+        }
+        let described: Described = decode(url, &bytes)?;
+        Ok(described.sha256.to_ascii_lowercase())
     }
 
     /// `POST /v1/tasks`: the task as created.

@@ -212,6 +212,10 @@ error_codes! {
     RolloutFailed,
     /// Some nodes could not be reached.
     NodesUnreachable,
+    /// A node's `--health-cmd` failed after its operation succeeded.
+    HealthCheckFailed,
+    /// A `--resume` journal belongs to another rollout or cannot be read.
+    JournalInvalid,
     /// Stopped by Ctrl-C (or SIGTERM, SIGHUP).
     Interrupted,
 }

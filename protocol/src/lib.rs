@@ -12,7 +12,7 @@ pub mod progress;
 pub mod request_id;
 mod wire_enum;
 
-pub use client::{Client, ClientError, RetryPolicy, WaitEvent};
+pub use client::{Client, ClientError, KeepAlive, RetryPolicy, WaitEvent};
 pub use error_code::ErrorCode;
 pub use manifest::{ImageFormat, ImageManifest};
 pub use progress::{Phase, WriteProgress};

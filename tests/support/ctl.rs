@@ -6,14 +6,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// `reimagectl --token-file TOKEN_FILE ARGS...`, without `$REIMAGE_TOKEN`
-/// from the test's environment.
+/// from the test's environment, and with the default journals of rollouts
+/// in the temporary directory rather than the user's state directory.
 pub fn reimagectl(token_file: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(binary("reimagectl"));
     command
         .arg("--token-file")
         .arg(token_file)
         .args(args)
-        .env_remove("REIMAGE_TOKEN");
+        .env_remove("REIMAGE_TOKEN")
+        .env(
+            "XDG_STATE_HOME",
+            std::env::temp_dir().join("reimage-tests-state"),
+        );
     command
 }
 

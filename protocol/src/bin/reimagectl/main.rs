@@ -4,20 +4,24 @@
 
 mod error;
 mod hosts;
+mod journal;
 mod node_cmd;
+mod node_job;
 mod op_cmd;
 mod output;
 mod progress;
 mod rollout;
 mod scheduling_cmd;
+mod summary;
 mod task_cmd;
+mod waves;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use error::CliError;
 use output::Format;
-use reimage_protocol::Client;
 use reimage_protocol::ErrorCode;
+use reimage_protocol::{Client, KeepAlive};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -56,7 +60,9 @@ struct Cli {
         help_heading = "Global options"
     )]
     token_file: Option<PathBuf>,
-    /// `table` (aligned columns for people) or `json` (one document).
+    /// `table` (aligned columns for people), `json` (one document) or, for
+    /// reimage and reboot, `jsonl` (each event as a JSON line as it
+    /// happens, the summary last).
     #[arg(long, value_enum, default_value_t = Format::Table, global = true, help_heading = "Global options")]
     output: Format,
     #[command(subcommand)]
@@ -102,10 +108,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let agents = hosts::agents(&cli.agents, cli.hosts.as_deref())?;
     let token = read_token(cli.token_file.as_deref())?;
     let format = cli.output;
+    // Only rollouts have events to stream.
+    let document = match format {
+        Format::Jsonl => Format::Json,
+        other => other,
+    };
+    let format = match cli.command {
+        Command::Reimage(_) | Command::Reboot(_) => format,
+        _ => document,
+    };
     match cli.command {
-        Command::Node => node_cmd::run(&fleet(&agents, token)?, format).await,
-        Command::Reimage(args) => args.run(&fleet(&agents, token)?, format).await,
-        Command::Reboot(args) => args.run(&fleet(&agents, token)?, format).await,
+        Command::Node => node_cmd::run(&fleet(&agents, token, KeepAlive::None)?, format).await,
+        Command::Reimage(args) => {
+            args.run(&fleet(&agents, token, KeepAlive::OnePerAgent)?, format)
+                .await
+        }
+        Command::Reboot(args) => {
+            args.run(&fleet(&agents, token, KeepAlive::OnePerAgent)?, format)
+                .await
+        }
         Command::Op(command) => command.run(&one_agent(&agents, token, "op")?, format).await,
         Command::Task(command) => {
             command
@@ -144,8 +165,12 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
     Ok(token)
 }
 
-/// A client per agent, sharing one connection pool.
-fn fleet(agents: &[String], token: Option<String>) -> anyhow::Result<Vec<Client>> {
+/// A client per agent, sharing one connection pool that keeps `keep_alive`.
+fn fleet(
+    agents: &[String],
+    token: Option<String>,
+    keep_alive: KeepAlive,
+) -> anyhow::Result<Vec<Client>> {
     let Some(first) = agents.first() else {
         return Err(CliError::new(
             ErrorCode::InvalidArgument,
@@ -153,7 +178,8 @@ fn fleet(agents: &[String], token: Option<String>) -> anyhow::Result<Vec<Client>
         )
         .into());
     };
-    let first = Client::new(first, token).with_context(|| format!("agent {first}"))?;
+    let first =
+        Client::with_pool(first, token, keep_alive).with_context(|| format!("agent {first}"))?;
     let mut clients = vec![first.clone()];
     for agent in &agents[1..] {
         clients.push(
@@ -177,7 +203,7 @@ fn one_agent(agents: &[String], token: Option<String>, command: &str) -> anyhow:
         )
         .into());
     }
-    let mut clients = fleet(agents, token)?;
+    let mut clients = fleet(agents, token, KeepAlive::OnePerAgent)?;
     clients
         .pop()
         .ok_or_else(|| CliError::new(ErrorCode::InvalidArgument, "no agent").into())

@@ -1,4 +1,4 @@
-//! `reimagectl node`: each agent's node, read at once.
+//! `reimagectl node`: each agent's node, read a few at a time.
 
 use crate::error::CliError;
 use crate::output::{self, Format, Table};
@@ -7,7 +7,12 @@ use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{Node, OperationError};
 use reimage_protocol::{Client, ClientError};
 use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+/// Agents read at once: the fds in use stay this many whatever the fleet.
+const READS_AT_ONCE: usize = 16;
 
 /// One agent's answer, as `--output json` prints it for several agents.
 #[derive(Debug, Serialize)]
@@ -29,16 +34,21 @@ pub async fn run(fleet: &[Client], format: Format) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("reading the node of {}", client.base_url()))?;
         return match format {
-            Format::Json => output::print_json(&node),
+            Format::Json | Format::Jsonl => output::print_json(&node),
             Format::Table => {
                 table(&[(client.base_url().to_string(), Ok(node))]).print();
                 Ok(())
             }
         };
     }
+    let slots = Arc::new(Semaphore::new(READS_AT_ONCE));
     let mut reads = JoinSet::new();
     for (index, client) in fleet.iter().cloned().enumerate() {
-        reads.spawn(async move { (index, client.node().await) });
+        let slots = Arc::clone(&slots);
+        reads.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            (index, client.node().await)
+        });
     }
     let mut answers: Vec<Option<Result<Node, ClientError>>> = vec![None; fleet.len()];
     while let Some(joined) = reads.join_next().await {
@@ -51,7 +61,7 @@ pub async fn run(fleet: &[Client], format: Format) -> anyhow::Result<()> {
         .filter_map(|(client, answer)| Some((client.base_url().to_string(), answer?)))
         .collect();
     match format {
-        Format::Json => {
+        Format::Json | Format::Jsonl => {
             let list: Vec<AgentNode> = answers
                 .iter()
                 .map(|(agent, answer)| AgentNode {

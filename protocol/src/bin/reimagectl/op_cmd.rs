@@ -48,12 +48,12 @@ impl OpCommand {
                     .await
                     .with_context(|| format!("listing the operations of {agent}"))?;
                 match format {
-                    Format::Json => output::print_json(&operations),
+                    Format::Json | Format::Jsonl => output::print_json(&operations),
                     Format::Table => show(&operations, format),
                 }
             }
             OpCommand::Wait { id, timeout } => {
-                let progress = Progress::new();
+                let progress = Progress::new(1, true, None);
                 let mut node = progress.node(agent);
                 let operation = client
                     .follow_operation(&id, Duration::from_secs(timeout), |event| match event {
@@ -63,7 +63,7 @@ impl OpCommand {
                     .await
                     .with_context(|| format!("waiting for operation {id} on {agent}"))?;
                 let failure = operation.error.clone();
-                node.finish(&output::status(operation.status));
+                node.finish_with(&output::status(operation.status));
                 progress.clear();
                 show(std::slice::from_ref(&operation), format)?;
                 match (operation.status, failure) {
@@ -83,8 +83,8 @@ impl OpCommand {
 
 fn show(operations: &[reimage_protocol::api::Operation], format: Format) -> anyhow::Result<()> {
     match (format, operations) {
-        (Format::Json, [operation]) => output::print_json(operation),
-        (Format::Json, _) => output::print_json(&operations),
+        (Format::Json | Format::Jsonl, [operation]) => output::print_json(operation),
+        (Format::Json | Format::Jsonl, _) => output::print_json(&operations),
         (Format::Table, _) => {
             output::operation_table(operations).print();
             Ok(())

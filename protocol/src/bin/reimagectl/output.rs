@@ -15,6 +15,33 @@ pub enum Format {
     Table,
     /// One JSON document (the API's camelCase shapes).
     Json,
+    /// For rollouts: each journal entry as one JSON line as it happens,
+    /// then the summary as the last line. Other commands print as `json`.
+    Jsonl,
+}
+
+/// The terminal's width in columns, when stderr or stdout is one.
+pub fn terminal_width() -> Option<usize> {
+    let (_, columns) = console::Term::stderr()
+        .size_checked()
+        .or_else(|| console::Term::stdout().size_checked())?;
+    Some(usize::from(columns))
+}
+
+/// The terminal's height in rows, when stderr is one.
+pub fn terminal_height() -> Option<usize> {
+    let (rows, _) = console::Term::stderr().size_checked()?;
+    Some(usize::from(rows))
+}
+
+/// `line` cut to `width` columns, a cut line ending in `…`.
+pub fn fit(line: &str, width: usize) -> String {
+    if line.chars().count() <= width {
+        return line.to_string();
+    }
+    let mut cut: String = line.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 /// Prints `value` as one pretty JSON document.
@@ -181,6 +208,12 @@ mod tests {
              http://a:1  succeeded  -\n\
              b           failed     X: y\n"
         );
+    }
+
+    #[test]
+    fn long_lines_are_cut_to_the_width() {
+        assert_eq!(fit("abcdef", 6), "abcdef");
+        assert_eq!(fit("abcdefg", 6), "abcde…");
     }
 
     #[test]

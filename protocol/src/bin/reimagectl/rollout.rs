@@ -1,23 +1,30 @@
-//! `reimage` and `reboot` across a fleet: waves of at most `--max-parallel`
-//! nodes in flight, no new node once `--max-failures` have failed, Ctrl-C
-//! stops starting nodes, and a summary of every node at the end.
+//! `reimage` and `reboot` across a fleet: canary waves of at most
+//! `--max-parallel` nodes in flight, failure and unreachability budgets
+//! that stop the rollout, a journal from which a rerun carries on, Ctrl-C
+//! (SIGTERM, SIGHUP) that stops starting nodes, and a summary at the end.
 
 use crate::error::CliError;
-use crate::output::{self, Format, Table};
-use crate::progress::{NodeProgress, Progress};
+use crate::journal::{self, Event, Journal};
+use crate::node_job::{Deadlines, JobContext, NodeJob, Seen};
+use crate::output::Format;
+use crate::progress::Progress;
+use crate::summary::Summary;
+use crate::waves::Waves;
 use anyhow::Context;
 use jiff::Timestamp;
 use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
-    ImageSpec, NodeReimageOption, Operation, OperationError, OperationStatus, ReimageRequest,
+    ImageSpec, NodeReimageOption, Operation, OperationError, OperationKind, OperationStatus,
+    ReimageRequest,
 };
-use reimage_protocol::{Client, ClientError, Phase, WaitEvent};
+use reimage_protocol::{Client, ClientError, Phase};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// `--option` of reimage and reboot: what happens to the node's tasks.
@@ -49,23 +56,79 @@ impl From<ReimageOption> for NodeReimageOption {
 /// How a fleet is rolled through.
 #[derive(Debug, clap::Args)]
 pub struct RolloutArgs {
-    /// Nodes with an operation in flight at once. Without --wait a node is
-    /// done once its operation is accepted, so this only paces the requests.
+    /// Nodes with an operation in flight at once, within a wave. Without
+    /// --wait a node is done once its operation is accepted, so this only
+    /// paces the requests.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_parallel: u32,
-    /// Start no new node once this many have failed. The default, 1, stops
-    /// at the first failure: a bad image should cost one node, not a fleet.
-    #[arg(long, value_name = "M", default_value_t = 1,
+    /// Waves, as Ansible's `serial`: sizes by count or percentage of the
+    /// fleet, the last repeated (`1,5%,25%,100%`). A wave starts once the
+    /// one before ended within its budgets. The default is one canary
+    /// node, then the rest.
+    #[arg(long, value_name = "SIZES", default_value = "1,100%")]
+    waves: Waves,
+    /// With --wait: seconds to wait after a wave before the next one.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    soak: u64,
+    /// Start no new node once this many have failed. Without it and
+    /// without --max-fail-percent, 1: a bad image should cost one node.
+    #[arg(long, value_name = "M",
           value_parser = clap::value_parser!(u32).range(1..))]
-    max_failures: u32,
+    max_failures: Option<u32>,
+    /// Start no new node once more than this percentage of a wave failed
+    /// (Ansible's `max_fail_percentage`).
+    #[arg(long, value_name = "P",
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    max_fail_percent: Option<u32>,
+    /// Start no new node once this many were unreachable (counted apart
+    /// from failures; no limit by default).
+    #[arg(long, value_name = "N")]
+    max_unreachable: Option<u32>,
+    /// Nodes downloading the image at once (the image server's limit),
+    /// apart from --max-parallel: a node holds its slot from its request
+    /// to its image written.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_downloads: Option<u32>,
+    /// With --wait: run `sh -c CMD` for each node whose operation
+    /// succeeded, with $REIMAGE_AGENT set to its URL; anything but exit 0
+    /// counts the node as failed (HealthCheckFailed).
+    #[arg(long, value_name = "CMD")]
+    health_cmd: Option<String>,
     /// Follow each operation to Succeeded or Failed (through the node's
     /// reboot) before its slot takes the next node.
     #[arg(long)]
     wait: bool,
-    /// With --wait: how long one node's operation may take, in seconds.
+    /// With --wait: how long one node's operation may take in all, in
+    /// seconds.
     #[arg(long, value_name = "SECS", default_value_t = 7200)]
     timeout: u64,
+    /// Seconds for a node to accept the request (connecting, the checks
+    /// of where it stands, the request itself); a node that does not is
+    /// unreachable.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    accept_timeout: u64,
+    /// Seconds for a node to download, write and verify the image.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    download_timeout: u64,
+    /// Seconds for a node that went down to reboot (or whose agent went
+    /// silent) to answer again.
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    reboot_timeout: u64,
+    /// The journal: every event, one JSON object per line, as it happens.
+    /// Default: $XDG_STATE_HOME/reimagectl/ (or ~/.local/state/reimagectl/),
+    /// named after the rollout, so that rerunning the command resumes it.
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    journal: Option<PathBuf>,
+    /// Resume the rollout of this journal: operations in flight are
+    /// followed, nodes already done are left alone.
+    #[arg(long, value_name = "JOURNAL")]
+    resume: Option<PathBuf>,
+    /// Start the action even on nodes that already run the target image
+    /// (or that an earlier run of the rollout already rebooted).
+    #[arg(long)]
+    force: bool,
 }
 
 /// `reimagectl reimage`.
@@ -106,6 +169,16 @@ pub struct RebootArgs {
 impl ReimageArgs {
     /// Reimages every node of `fleet`.
     pub async fn run(self, fleet: &[Client], format: Format) -> anyhow::Result<()> {
+        let target_sha256 = match (&self.sha256, &self.manifest, fleet.first()) {
+            (Some(sha256), _, _) => Some(sha256.to_ascii_lowercase()),
+            (None, Some(manifest), Some(client)) => Some(
+                client
+                    .manifest_sha256(manifest)
+                    .await
+                    .with_context(|| format!("reading the manifest {manifest}"))?,
+            ),
+            _ => None,
+        };
         let request = ReimageRequest {
             node_reimage_option: self.option.into(),
             image: self
@@ -118,7 +191,14 @@ impl ReimageArgs {
                 }),
             manifest_url: self.manifest,
         };
-        roll_out(fleet, Action::Reimage(request), &self.rollout, format).await
+        roll_out(
+            fleet,
+            Action::Reimage(request),
+            target_sha256,
+            &self.rollout,
+            format,
+        )
+        .await
     }
 }
 
@@ -128,6 +208,7 @@ impl RebootArgs {
         roll_out(
             fleet,
             Action::Reboot(self.option.into()),
+            None,
             &self.rollout,
             format,
         )
@@ -137,27 +218,47 @@ impl RebootArgs {
 
 /// What is done to each node.
 #[derive(Debug, Clone)]
-enum Action {
+pub enum Action {
     Reimage(ReimageRequest),
     Reboot(NodeReimageOption),
 }
 
 impl Action {
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Action::Reimage(_) => "reimage",
             Action::Reboot(_) => "reboot",
         }
     }
 
-    fn option(&self) -> NodeReimageOption {
+    pub fn kind(&self) -> OperationKind {
+        match self {
+            Action::Reimage(_) => OperationKind::Reimage,
+            Action::Reboot(_) => OperationKind::Reboot,
+        }
+    }
+
+    pub fn option(&self) -> NodeReimageOption {
         match self {
             Action::Reimage(request) => request.node_reimage_option,
             Action::Reboot(option) => *option,
         }
     }
 
-    async fn start(&self, client: &Client) -> Result<Operation, ClientError> {
+    /// What makes two rollouts the same one (the agents apart).
+    fn identity(&self) -> Vec<String> {
+        let mut parts = vec![self.name().to_string(), format!("{:?}", self.option())];
+        if let Action::Reimage(request) = self {
+            if let Some(image) = &request.image {
+                parts.push(image.url.clone());
+                parts.push(image.sha256.to_ascii_lowercase());
+            }
+            parts.extend(request.manifest_url.clone());
+        }
+        parts
+    }
+
+    pub async fn start(&self, client: &Client) -> Result<Operation, ClientError> {
         match self {
             Action::Reimage(request) => client.reimage(request).await,
             Action::Reboot(option) => client.reboot(*option).await,
@@ -169,13 +270,19 @@ impl Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
-    /// The operation succeeded.
+    /// The operation succeeded (and the health check passed).
     Succeeded,
-    /// The request was refused, the operation failed, or it outlasted --timeout.
+    /// The request was refused, the operation failed, outlasted a
+    /// deadline, or the health check failed.
     Failed,
+    /// The agent did not answer in time to start anything.
+    Unreachable,
+    /// Already where the rollout wants it (on the target image, or done by
+    /// an earlier run); nothing was started.
+    Current,
     /// Accepted and not followed (no --wait).
     Accepted,
-    /// In flight when Ctrl-C stopped the rollout; it goes on on the agent.
+    /// In flight when the rollout was interrupted; it goes on on the agent.
     Interrupted,
     /// Never started.
     Skipped,
@@ -185,17 +292,17 @@ pub enum Outcome {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeReport {
-    agent: String,
-    status: Outcome,
-    operation_id: Option<String>,
+    pub agent: String,
+    pub status: Outcome,
+    pub operation_id: Option<String>,
     /// The phase it ended in (`done` when it succeeded).
-    phase: Option<Phase>,
-    started_at: Option<Timestamp>,
-    finished_at: Option<Timestamp>,
-    duration_seconds: Option<f64>,
-    error: Option<OperationError>,
+    pub phase: Option<Phase>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub duration_seconds: Option<f64>,
+    pub error: Option<OperationError>,
     /// The operation as last seen.
-    operation: Option<Operation>,
+    pub operation: Option<Operation>,
 }
 
 impl NodeReport {
@@ -213,7 +320,7 @@ impl NodeReport {
         }
     }
 
-    fn started(agent: &str, started: &Started, status: Outcome) -> Self {
+    pub fn started(agent: &str, started: &Started, status: Outcome) -> Self {
         NodeReport {
             status,
             started_at: Some(started.at),
@@ -224,8 +331,8 @@ impl NodeReport {
     }
 
     /// Adds what the operation says; its status decides the outcome.
-    fn with_operation(mut self, operation: &Operation) -> Self {
-        if self.status != Outcome::Interrupted {
+    pub fn with_operation(mut self, operation: &Operation) -> Self {
+        if !matches!(self.status, Outcome::Interrupted | Outcome::Failed) {
             self.status = match operation.status {
                 OperationStatus::Succeeded => Outcome::Succeeded,
                 OperationStatus::Failed => Outcome::Failed,
@@ -242,7 +349,7 @@ impl NodeReport {
         self
     }
 
-    fn with_error(mut self, err: &ClientError) -> Self {
+    pub fn with_error(mut self, err: &ClientError) -> Self {
         self.error = Some(OperationError {
             code: err.code(),
             message: err.to_string(),
@@ -250,7 +357,14 @@ impl NodeReport {
         self
     }
 
-    fn error_text(&self) -> String {
+    /// The operation succeeded but the node is not counted good.
+    pub fn failed_with(mut self, error: OperationError) -> Self {
+        self.status = Outcome::Failed;
+        self.error = Some(error);
+        self
+    }
+
+    pub fn error_text(&self) -> String {
         self.error
             .as_ref()
             .map(|e| format!("{}: {}", e.code, e.message))
@@ -258,304 +372,308 @@ impl NodeReport {
     }
 }
 
-/// The whole rollout, as `--output json` prints it.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Summary {
-    action: &'static str,
-    node_reimage_option: NodeReimageOption,
-    max_parallel: u32,
-    max_failures: u32,
-    waited: bool,
-    interrupted: bool,
-    succeeded: usize,
-    failed: usize,
-    accepted: usize,
-    in_flight: usize,
-    skipped: usize,
-    nodes: Vec<NodeReport>,
-}
-
-impl Summary {
-    fn new(action: &Action, args: &RolloutArgs, interrupted: bool, nodes: Vec<NodeReport>) -> Self {
-        let count = |outcome| nodes.iter().filter(|n| n.status == outcome).count();
-        Summary {
-            action: action.name(),
-            node_reimage_option: action.option(),
-            max_parallel: args.max_parallel,
-            max_failures: args.max_failures,
-            waited: args.wait,
-            interrupted,
-            succeeded: count(Outcome::Succeeded),
-            failed: count(Outcome::Failed),
-            accepted: count(Outcome::Accepted),
-            in_flight: count(Outcome::Interrupted),
-            skipped: count(Outcome::Skipped),
-            nodes,
-        }
-    }
-
-    fn print(&self, format: Format) -> anyhow::Result<()> {
-        if format == Format::Json {
-            return output::print_json(self);
-        }
-        let mut table = Table::new(&["NODE", "STATUS", "PHASE", "DURATION", "OPERATION", "ERROR"]);
-        for node in &self.nodes {
-            table.row(vec![
-                node.agent.clone(),
-                output::wire_name(&node.status),
-                output::or_dash(node.phase.map(output::phase)),
-                output::or_dash(
-                    node.duration_seconds
-                        .map(|s| output::duration(Duration::from_secs_f64(s))),
-                ),
-                output::or_dash(node.operation_id.clone()),
-                output::or_dash(Some(node.error_text())),
-            ]);
-        }
-        table.print();
-        Ok(())
-    }
-
-    /// `Ok` only when every node's operation succeeded (or, without
-    /// --wait, was accepted).
-    fn verdict(&self) -> anyhow::Result<()> {
-        if self.interrupted {
-            return Err(CliError::new(
-                ErrorCode::Interrupted,
-                format!(
-                    "stopped by Ctrl-C with {} node(s) in flight (their operations go on; \
-                     follow them with `reimagectl op wait`) and {} skipped",
-                    self.in_flight, self.skipped
-                ),
-            ))
-            .context(self.action);
-        }
-        if self.failed == 0 && self.skipped == 0 {
-            return Ok(());
-        }
-        if let [node] = self.nodes.as_slice()
-            && let Some(error) = &node.error
-        {
-            return Err(CliError::new(error.code.clone(), error.message.clone()))
-                .context(format!("{} on {}", self.action, node.agent));
-        }
-        Err(CliError::new(
-            ErrorCode::RolloutFailed,
-            format!(
-                "{} of {} node(s) failed, {} skipped",
-                self.failed,
-                self.nodes.len(),
-                self.skipped
-            ),
-        ))
-        .context(self.action)
-    }
-}
-
 /// When a node was started.
 #[derive(Debug, Clone, Copy)]
-struct Started {
-    at: Timestamp,
-    clock: Instant,
+pub struct Started {
+    pub at: Timestamp,
+    pub clock: Instant,
 }
 
-/// What the rollout knows of each node in flight: when it started and its
-/// operation as last seen, for the report after a second Ctrl-C.
-type InFlight = Arc<Mutex<BTreeMap<usize, (Started, Option<Operation>)>>>;
+impl Started {
+    pub fn now() -> Self {
+        Started {
+            at: Timestamp::now(),
+            clock: Instant::now(),
+        }
+    }
+}
 
-/// Rolls `action` through `fleet` in order, prints the summary and says
+/// The failure budgets of a rollout and what was spent of them.
+struct Budget {
+    max_failures: Option<usize>,
+    max_fail_percent: Option<u32>,
+    max_unreachable: Option<usize>,
+    failed: usize,
+    unreachable: usize,
+    /// Of the wave running now.
+    wave_failed: usize,
+    wave_size: usize,
+}
+
+impl Budget {
+    fn new(args: &RolloutArgs) -> Self {
+        // Neither budget given: the first failure stops the rollout.
+        let max_failures = match (args.max_failures, args.max_fail_percent) {
+            (None, None) => Some(1),
+            (max, _) => max.map(|m| m as usize),
+        };
+        Budget {
+            max_failures,
+            max_fail_percent: args.max_fail_percent,
+            max_unreachable: args.max_unreachable.map(|m| m as usize),
+            failed: 0,
+            unreachable: 0,
+            wave_failed: 0,
+            wave_size: 0,
+        }
+    }
+
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Failed => {
+                self.failed += 1;
+                self.wave_failed += 1;
+            }
+            Outcome::Unreachable => self.unreachable += 1,
+            _ => {}
+        }
+    }
+
+    /// Why no new node may start, once a budget is spent.
+    fn spent(&self) -> Option<String> {
+        if let Some(max) = self.max_failures
+            && self.failed >= max
+        {
+            return Some(format!(
+                "{} node(s) failed (--max-failures {max})",
+                self.failed
+            ));
+        }
+        if let Some(percent) = self.max_fail_percent
+            && self.wave_failed * 100 > percent as usize * self.wave_size
+        {
+            return Some(format!(
+                "{} of the {} node(s) of the wave failed (--max-fail-percent {percent})",
+                self.wave_failed, self.wave_size
+            ));
+        }
+        if let Some(max) = self.max_unreachable
+            && self.unreachable >= max
+        {
+            return Some(format!(
+                "{} node(s) unreachable (--max-unreachable {max})",
+                self.unreachable
+            ));
+        }
+        None
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP (an ssh session gone): each interrupts the
+/// rollout the same way.
+struct Interrupts {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Interrupts {
+    /// Registered before the first node starts (tokio::signal::ctrl_c would
+    /// register only when first polled), so no signal is missed.
+    fn register() -> anyhow::Result<Self> {
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("handling {name} during the rollout"))
+        };
+        Ok(Interrupts {
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// The name of the next signal.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            Some(()) = self.int.recv() => "SIGINT",
+            Some(()) = self.term.recv() => "SIGTERM",
+            Some(()) = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// Rolls `action` through `fleet` in waves, prints the summary and says
 /// whether the whole rollout succeeded.
 ///
-/// Ctrl-C starts no more nodes and stops following operations, but lets a
-/// request in flight finish, so that every operation an agent started is
-/// reported with its id; a second Ctrl-C quits at once.
+/// An interruption starts no more nodes and stops following operations,
+/// but lets a request in flight finish, so that every operation an agent
+/// started is in the journal and the summary with its id; a second one
+/// quits at once.
 async fn roll_out(
     fleet: &[Client],
     action: Action,
+    target_sha256: Option<String>,
     args: &RolloutArgs,
     format: Format,
 ) -> anyhow::Result<()> {
-    let progress = Progress::new();
-    let max_parallel = args.max_parallel as usize;
-    let max_failures = args.max_failures as usize;
-    let mut reports: Vec<NodeReport> = fleet
-        .iter()
-        .map(|c| NodeReport::skipped(c.base_url()))
-        .collect();
-    let in_flight: InFlight = Arc::default();
-    let (stop, stopped) = watch::channel(false);
-    let mut running = JoinSet::new();
-    let mut started: BTreeSet<usize> = BTreeSet::new();
-    let mut next = 0;
-    let mut failures = 0;
-    // Registered before the first node starts (tokio::signal::ctrl_c would
-    // register only when first polled), so no Ctrl-C is missed.
-    let mut ctrl_c =
-        signal(SignalKind::interrupt()).context("handling Ctrl-C (SIGINT) during the rollout")?;
-    loop {
-        while !*stop.borrow()
-            && next < fleet.len()
-            && running.len() < max_parallel
-            && failures < max_failures
-        {
-            let job = NodeJob {
-                index: next,
-                client: fleet[next].clone(),
-                action: action.clone(),
-                wait: args.wait.then(|| Duration::from_secs(args.timeout)),
-                in_flight: Arc::clone(&in_flight),
-                stopped: stopped.clone(),
-            };
-            let node = progress.node(job.client.base_url());
-            started.insert(next);
-            running.spawn(async move { (job.index, job.run(node).await) });
-            next += 1;
+    let agents: Vec<&str> = fleet.iter().map(Client::base_url).collect();
+    let mut identity = action.identity();
+    identity.extend(agents.iter().map(|a| a.to_string()));
+    let key = journal::rollout_key(&identity.iter().map(String::as_str).collect::<Vec<_>>());
+    let path = match (&args.resume, &args.journal) {
+        (Some(path), _) => {
+            if !path.exists() {
+                return Err(CliError::new(
+                    ErrorCode::JournalInvalid,
+                    format!("--resume {}: no such journal", path.display()),
+                )
+                .into());
+            }
+            path.clone()
         }
-        tokio::select! {
-            joined = running.join_next() => match joined {
-                Some(Ok((index, report))) => {
-                    if report.status == Outcome::Failed {
-                        failures += 1;
+        (None, Some(path)) => path.clone(),
+        (None, None) => journal::default_path(action.name(), &key)?,
+    };
+    let earlier = journal::read_earlier(&path, &key)?;
+    let journal = Journal::open(&path, format == Format::Jsonl)?;
+    let waves = args.waves.sizes(fleet.len());
+    let progress = Progress::new(fleet.len(), format != Format::Jsonl, Some(journal.clone()));
+    // The first line of output says where the journal is, so that an
+    // operator whose controller died knows what to --resume.
+    progress.line(&format!("journal: {}", journal.path().display()));
+    journal.record(Event::Rollout {
+        key,
+        action: action.name().to_string(),
+        nodes: fleet.len(),
+        target_sha256: target_sha256.clone(),
+        waves: waves.clone(),
+    });
+
+    let (stop, stopped) = watch::channel(false);
+    let context = JobContext {
+        action: action.clone(),
+        target_sha256,
+        force: args.force,
+        wait: args.wait,
+        deadlines: Deadlines {
+            accept: Duration::from_secs(args.accept_timeout),
+            download: Duration::from_secs(args.download_timeout),
+            reboot_return: Duration::from_secs(args.reboot_timeout),
+            overall: Duration::from_secs(args.timeout),
+        },
+        downloads: args
+            .max_downloads
+            .map(|n| Arc::new(Semaphore::new(n as usize))),
+        health_cmd: args.health_cmd.clone(),
+        journal: journal.clone(),
+        stopped,
+    };
+    let mut reports: Vec<NodeReport> = agents.iter().map(|a| NodeReport::skipped(a)).collect();
+    let mut in_flight: BTreeMap<usize, Seen> = BTreeMap::new();
+    let mut running = JoinSet::new();
+    let mut budget = Budget::new(args);
+    let mut interrupted: Option<&'static str> = None;
+    let mut stop_reason: Option<String> = None;
+    let mut interrupts = Interrupts::register()?;
+    let mut first = 0;
+    'waves: for (number, size) in waves.iter().copied().enumerate() {
+        let wave = first..first + size;
+        first += size;
+        budget.wave_failed = 0;
+        budget.wave_size = size;
+        journal.record(Event::Wave {
+            wave: number + 1,
+            agents: agents[wave.clone()].iter().map(|a| a.to_string()).collect(),
+        });
+        progress.line(&format!(
+            "wave {} of {}: {size} node(s)",
+            number + 1,
+            waves.len()
+        ));
+        let mut next = wave.start;
+        loop {
+            while interrupted.is_none()
+                && stop_reason.is_none()
+                && next < wave.end
+                && running.len() < args.max_parallel as usize
+            {
+                let seen: Seen = Arc::new(Mutex::new((Started::now(), None)));
+                in_flight.insert(next, Arc::clone(&seen));
+                let job = NodeJob {
+                    client: fleet[next].clone(),
+                    context: context.clone(),
+                    earlier_operation: earlier.operations.get(agents[next]).cloned(),
+                    seen,
+                };
+                let node = progress.node(agents[next]);
+                let index = next;
+                running.spawn(async move { (index, job.run(node).await) });
+                next += 1;
+            }
+            tokio::select! {
+                joined = running.join_next() => match joined {
+                    Some(Ok((index, report))) => {
+                        budget.count(report.status);
+                        in_flight.remove(&index);
+                        progress.finished(report.status);
+                        reports[index] = report;
+                        if stop_reason.is_none() && let Some(reason) = budget.spent() {
+                            progress.line(&format!("{reason}: starting no more nodes"));
+                            journal.record(Event::Stopped { reason: reason.clone() });
+                            stop_reason = Some(reason);
+                        }
                     }
-                    started.remove(&index);
-                    reports[index] = report;
+                    Some(Err(err)) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                name = interrupts.next() => {
+                    if interrupted.is_some() {
+                        running.abort_all();
+                        break 'waves;
+                    }
+                    interrupted = Some(name);
+                    stop.send_replace(true);
+                    journal.record(Event::Stopped { reason: format!("interrupted by {name}") });
+                    progress.line(&format!(
+                        "interrupted by {name}: starting no more nodes; letting requests in \
+                         flight finish (again to quit at once)"
+                    ));
                 }
-                Some(Err(err)) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                Some(Err(_)) => {}
-                None => break,
-            },
-            Some(()) = ctrl_c.recv() => {
-                if *stop.borrow() {
-                    running.abort_all();
+            }
+        }
+        let last_wave = number + 1 == waves.len();
+        if interrupted.is_some() || stop_reason.is_some() || last_wave {
+            break;
+        }
+        if args.soak > 0 && args.wait {
+            progress.line(&format!("soaking {}s before the next wave", args.soak));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(args.soak)) => {}
+                name = interrupts.next() => {
+                    interrupted = Some(name);
+                    journal.record(Event::Stopped { reason: format!("interrupted by {name}") });
                     break;
                 }
-                stop.send_replace(true);
-                progress.line(
-                    "interrupted: starting no more nodes; letting requests in flight finish \
-                     (Ctrl-C again to quit at once)",
-                );
             }
         }
     }
-    if failures >= max_failures && next < fleet.len() {
-        progress.line(&format!(
-            "{failures} node(s) failed (--max-failures {max_failures}): not starting the {} left",
-            fleet.len() - next
-        ));
+    // Only after a second interruption are nodes left without a report.
+    for (index, seen) in in_flight {
+        reports[index] = interrupted_report(agents[index], &seen);
     }
-    // Only after a second Ctrl-C are nodes left without a report of their own.
-    let seen = in_flight.lock().map(|n| n.clone()).unwrap_or_default();
-    for index in started {
-        reports[index] = interrupted_report(fleet[index].base_url(), seen.get(&index));
-    }
-    let summary = Summary::new(&action, args, *stop.borrow(), reports);
+    let summary = Summary::new(
+        &action,
+        args.max_parallel,
+        args.wait,
+        interrupted,
+        journal.path(),
+        reports,
+    );
+    journal.record(summary.ended_event());
     progress.clear();
     summary.print(format)?;
     summary.verdict()
 }
 
-/// A node in flight at Ctrl-C, as last seen (skipped if it never began).
-fn interrupted_report(agent: &str, seen: Option<&(Started, Option<Operation>)>) -> NodeReport {
-    match seen {
-        Some((when, Some(operation))) => {
+/// A node in flight at the second interruption, as last seen.
+fn interrupted_report(agent: &str, seen: &Seen) -> NodeReport {
+    let Ok(seen) = seen.lock() else {
+        return NodeReport::skipped(agent);
+    };
+    match &*seen {
+        (when, Some(operation)) => {
             NodeReport::started(agent, when, Outcome::Interrupted).with_operation(operation)
         }
-        Some((when, None)) => NodeReport::started(agent, when, Outcome::Interrupted),
-        None => NodeReport::skipped(agent),
-    }
-}
-
-/// One node's part of the rollout.
-struct NodeJob {
-    index: usize,
-    client: Client,
-    action: Action,
-    /// `--wait`: how long to follow the operation.
-    wait: Option<Duration>,
-    in_flight: InFlight,
-    /// Becomes true at Ctrl-C.
-    stopped: watch::Receiver<bool>,
-}
-
-impl NodeJob {
-    /// Starts the action on the node and, with `--wait`, follows its
-    /// operation to its end (or to Ctrl-C).
-    async fn run(self, mut progress: NodeProgress) -> NodeReport {
-        let agent = self.client.base_url().to_string();
-        let started = Started {
-            at: Timestamp::now(),
-            clock: Instant::now(),
-        };
-        if let Ok(mut nodes) = self.in_flight.lock() {
-            nodes.insert(self.index, (started, None));
-        }
-        progress.starting(self.action.name());
-        let accepted = match self.action.start(&self.client).await {
-            Ok(operation) => operation,
-            Err(err) => {
-                progress.finish(&format!("failed: {}: {err}", err.code()));
-                return NodeReport::started(&agent, &started, Outcome::Failed).with_error(&err);
-            }
-        };
-        self.note(&accepted);
-        progress.accepted(self.action.name(), &accepted);
-        let Some(deadline) = self.wait else {
-            progress.finish("accepted");
-            return NodeReport::started(&agent, &started, Outcome::Accepted)
-                .with_operation(&accepted);
-        };
-        let mut stopped = self.stopped.clone();
-        let followed = tokio::select! {
-            followed = self.client.follow_operation(&accepted.id, deadline, |event| match event {
-                WaitEvent::Observed(operation) => {
-                    self.note(operation);
-                    progress.observed(operation);
-                }
-                WaitEvent::Unreachable(err) => progress.unreachable(err),
-            }) => Some(followed),
-            () = until_stopped(&mut stopped) => None,
-        };
-        let last = self.last_seen().unwrap_or(accepted);
-        let report =
-            match followed {
-                Some(Ok(operation)) => NodeReport::started(&agent, &started, Outcome::Accepted)
-                    .with_operation(&operation),
-                Some(Err(err)) => NodeReport::started(&agent, &started, Outcome::Failed)
-                    .with_error(&err)
-                    .with_operation(&last),
-                None => NodeReport::started(&agent, &started, Outcome::Interrupted)
-                    .with_operation(&last),
-            };
-        let duration = output::duration(started.clock.elapsed());
-        progress.finish(&match report.status {
-            Outcome::Failed => format!("failed: {}", report.error_text()),
-            Outcome::Succeeded => format!("succeeded in {duration}"),
-            _ => format!(
-                "interrupted while {}",
-                output::or_dash(report.phase.map(output::phase))
-            ),
-        });
-        report
-    }
-
-    fn note(&self, operation: &Operation) {
-        if let Ok(mut nodes) = self.in_flight.lock()
-            && let Some((_, seen)) = nodes.get_mut(&self.index)
-        {
-            *seen = Some(operation.clone());
-        }
-    }
-
-    fn last_seen(&self) -> Option<Operation> {
-        let nodes = self.in_flight.lock().ok()?;
-        nodes.get(&self.index).and_then(|(_, seen)| seen.clone())
-    }
-}
-
-/// Resolves once `stopped` is true; never if the rollout is gone.
-async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
-    if stopped.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
+        (when, None) => NodeReport::started(agent, when, Outcome::Interrupted),
     }
 }

@@ -92,7 +92,7 @@ impl TaskCommand {
                     .await
                     .with_context(|| format!("listing the tasks of {agent}"))?;
                 match format {
-                    Format::Json => output::print_json(&tasks),
+                    Format::Json | Format::Jsonl => output::print_json(&tasks),
                     Format::Table => show(&tasks, format),
                 }
             }
@@ -110,7 +110,7 @@ impl TaskCommand {
                     .await
                     .with_context(|| format!("{name} of task {id} on {agent}"))?;
                 match format {
-                    Format::Json => output::print_json(&json!({
+                    Format::Json | Format::Jsonl => output::print_json(&json!({
                         "taskId": id,
                         "name": name,
                         "content": text,
@@ -127,7 +127,7 @@ impl TaskCommand {
                     .await
                     .with_context(|| format!("deleting task {id} on {agent}"))?;
                 match format {
-                    Format::Json => output::print_json(&json!({ "deleted": id })),
+                    Format::Json | Format::Jsonl => output::print_json(&json!({ "deleted": id })),
                     Format::Table => {
                         println!("deleted task {id}");
                         Ok(())
