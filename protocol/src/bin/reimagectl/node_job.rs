@@ -52,7 +52,7 @@ enum Plan {
     /// Nothing of ours is on the node: start the action.
     Start,
     /// Our operation is already in flight (an earlier run started it).
-    Adopt(Operation),
+    Adopt(Box<Operation>),
     /// The node is where the rollout wants it; the reason says how we know.
     Current(String),
 }
@@ -108,7 +108,7 @@ impl NodeJob {
                     "following operation {} already in flight",
                     operation.id
                 ));
-                (operation, None)
+                (*operation, None)
             }
             Plan::Start => {
                 // Waiting for a download slot is the image server's limit,
@@ -166,7 +166,7 @@ impl NodeJob {
             .find(|op| op.kind == kind && op.status == OperationStatus::InProgress)
             && self.is_ours(operation)
         {
-            return Ok(Plan::Adopt(operation.clone()));
+            return Ok(Plan::Adopt(Box::new(operation.clone())));
         }
         if self.context.force {
             return Ok(Plan::Start);
