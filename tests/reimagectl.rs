@@ -478,7 +478,7 @@ fn each_reimage_option_through_reimagectl() {
             .wait_for("the task to start", &format!("/v1/tasks/{id}"), |t| {
                 t["state"] != "active"
             });
-        let mut args = vec!["reimage", "--option", option, "--wait"];
+        let mut args = vec!["reimage", "--option", option, "--wait", "--force"];
         let image_args = image.args();
         args.extend(image_args.iter().map(String::as_str));
         let summary = agent.ctl_json(&args);
