@@ -7,3 +7,4 @@ pub mod daemon;
 pub mod http_server;
 pub mod images;
 pub mod loopdev;
+pub mod pki;
