@@ -4,6 +4,7 @@
 pub mod bin;
 pub mod ctl;
 pub mod daemon;
+pub mod faulty_disk;
 pub mod http_server;
 pub mod images;
 pub mod loopdev;

@@ -11,7 +11,7 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// Attaches `file` with partition scanning, or says why it cannot.
     pub fn attach(file: &Path) -> Result<LoopDevice, String> {
-        if !nix_is_root() {
+        if !is_root() {
             return Err("not running as root".into());
         }
         let output = Command::new("losetup")
@@ -60,7 +60,8 @@ impl Drop for LoopDevice {
     }
 }
 
-fn nix_is_root() -> bool {
+/// Whether this process runs as root (uid 0).
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
