@@ -306,7 +306,7 @@ pub struct NodeReport {
 }
 
 impl NodeReport {
-    fn skipped(agent: &str) -> Self {
+    pub(crate) fn skipped(agent: &str) -> Self {
         NodeReport {
             agent: agent.to_string(),
             status: Outcome::Skipped,

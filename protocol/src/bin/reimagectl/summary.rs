@@ -236,27 +236,13 @@ mod tests {
     use reimage_protocol::api::{OperationError, ReimageRequest};
 
     fn node(agent: &str, status: Outcome, code: Option<&str>) -> NodeReport {
-        let mut report = blank(agent);
+        let mut report = NodeReport::skipped(agent);
         report.status = status;
         report.error = code.map(|c| OperationError {
             code: ErrorCode::parse(c),
             message: "a long message that says what went wrong on this node in detail".into(),
         });
         report
-    }
-
-    fn blank(agent: &str) -> NodeReport {
-        NodeReport {
-            agent: agent.to_string(),
-            status: Outcome::Skipped,
-            operation_id: None,
-            phase: None,
-            started_at: None,
-            finished_at: None,
-            duration_seconds: None,
-            error: None,
-            operation: None,
-        }
     }
 
     #[test]
