@@ -332,24 +332,7 @@ impl Client {
         struct Described {
             sha256: String,
         }
-        let what = format!("GET {url}");
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| transport_error(&what, &e))?;
-        let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&what, &e))?;
-        if !status.is_success() {
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                body: error_body(status, &bytes),
-            });
-        }
+        let bytes = exchange(self.http.get(url), &format!("GET {url}")).await?;
         let described: Described = decode(url, &bytes)?;
         Ok(described.sha256.to_ascii_lowercase())
     }
@@ -526,25 +509,30 @@ impl Client {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_vec());
         }
-        let what = format!("{method} {url}");
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(&what, &e))?;
-        let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&what, &e))?
-            .to_vec();
-        if status.is_success() {
-            Ok(bytes)
-        } else {
-            Err(ClientError::Api {
-                status: status.as_u16(),
-                body: error_body(status, &bytes),
-            })
-        }
+        exchange(request, &format!("{method} {url}")).await
+    }
+}
+
+/// Sends `request` (described as `what` in errors) and returns the body of
+/// a success; any other status is [`ClientError::Api`] with its error body.
+async fn exchange(request: reqwest::RequestBuilder, what: &str) -> Result<Vec<u8>, ClientError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| transport_error(what, &e))?;
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(what, &e))?
+        .to_vec();
+    if status.is_success() {
+        Ok(bytes)
+    } else {
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            body: error_body(status, &bytes),
+        })
     }
 }
 
