@@ -8,7 +8,7 @@
 //! The venvs come from `tests/sdk/venv.sh` (pinned, cached by `.ci/run`);
 //! without python3 and its venv module the tests say `skipping: <reason>`.
 
-use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
+use reimage_e2e::daemon::{ADMIN, Daemon, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
 use reimage_e2e::pki::{Pki, add_to_api_table, client, server_pki, tls_lines};
@@ -106,7 +106,8 @@ impl Node {
     /// by name.
     fn run(&self, venv: &Path, script: &str, url: &str) -> Vec<(String, Value)> {
         let ca = self.ca_path();
-        let mut child = Command::new(venv.join("bin/python"))
+        let mut command = Command::new(venv.join("bin/python"));
+        command
             .arg(sdk_dir().join(script))
             .env("REIMAGE_SDK_URL", url)
             .env("REIMAGE_SDK_TOKEN", ADMIN)
@@ -116,35 +117,8 @@ impl Node {
                 "REIMAGE_SDK_RELEASE",
                 self.release_dir.path().join("release"),
             )
-            .env("REQUESTS_CA_BUNDLE", &ca)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python starts");
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for python") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break child.wait().expect("wait for python");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if let Some(mut out) = child.stdout.take() {
-            let _ = out.read_to_string(&mut stdout);
-        }
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_string(&mut stderr);
-        }
-        assert!(
-            status.success(),
-            "{script} failed ({status}):\n{stdout}\n{stderr}\nagent log:\n{}",
-            self.daemon.log_text()
-        );
+            .env("REQUESTS_CA_BUNDLE", &ca);
+        let stdout = self.run_to_success(script, command, Duration::from_secs(300));
         stdout
             .lines()
             .filter_map(|line| line.strip_prefix("ok "))
@@ -156,6 +130,48 @@ impl Node {
                 )
             })
             .collect()
+    }
+
+    /// Runs `command` (killed after `limit`), asserts it succeeded, and
+    /// returns its stdout; a failure shows its output and the agent's log.
+    fn run_to_success(&self, what: &str, mut command: Command, limit: Duration) -> String {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("{what} does not start: {err}"));
+        // Read both pipes while it runs, so a chatty child cannot block.
+        let mut out_pipe = child.stdout.take().expect("stdout");
+        let mut err_pipe = child.stderr.take().expect("stderr");
+        let out_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = out_pipe.read_to_string(&mut text);
+            text
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err_pipe.read_to_string(&mut text);
+            text
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().expect("wait for the child");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let stdout = out_reader.join().unwrap_or_default();
+        let stderr = err_reader.join().unwrap_or_default();
+        assert!(
+            status.success(),
+            "{what} failed ({status}):\n{stdout}\n{stderr}\nagent log:\n{}",
+            self.daemon.log_text()
+        );
+        stdout
     }
 
     /// The operation `id` from the agent's own `/v1/operations`.
@@ -199,7 +215,6 @@ fn ended_at(op: &Value) -> f64 {
 }
 
 #[test]
-#[ignore = "issue 11: unfinished; azure-batch 15.1.0 sends no content type for begin_reimage_node and fails before the request"]
 fn azure_batch_15_drives_every_node_call_and_its_poller_waits_for_the_reimage() {
     let venv = match venv("batch15") {
         Ok(venv) => venv,
@@ -235,6 +250,55 @@ fn azure_batch_15_drives_every_node_call_and_its_poller_waits_for_the_reimage() 
     );
 }
 
+#[test]
+fn azure_batch_14_drives_every_compute_node_call_with_the_batch_headers() {
+    let venv = match venv("batch14") {
+        Ok(venv) => venv,
+        Err(reason) => return println!("skipping: {reason}"),
+    };
+    let node = node();
+    let cases = node.run(&venv, "batch14.py", &node.daemon.url);
+    for name in [
+        "get",
+        "list",
+        "not_found",
+        "scheduling",
+        "reboot",
+        "conflict",
+    ] {
+        case(&cases, name);
+    }
+    let reimage = case(&cases, "reimage");
+    let operation = node.operation(reimage["operation"].as_str().expect("operation id"));
+    node.assert_reimaged(&operation);
+    assert_eq!(operation["nodeReimageOption"], "taskcompletion");
+    assert!(
+        reimage["etag"]
+            .as_str()
+            .is_some_and(|etag| !etag.is_empty()),
+        "{reimage}"
+    );
+}
+
+#[test]
+fn azure_servicemanagement_reimages_the_role_instance_and_follows_its_operation() {
+    let venv = match venv("servicemanagement") {
+        Ok(venv) => venv,
+        Err(reason) => return println!("skipping: {reason}"),
+    };
+    let node = node();
+    let cases = node.run(&venv, "servicemanagement.py", &node.daemon.url);
+    case(&cases, "not_found");
+    case(&cases, "conflict");
+    let reimage = case(&cases, "reimage");
+    let operation = node.operation(reimage["operation"].as_str().expect("operation id"));
+    node.assert_reimaged(&operation);
+    assert_eq!(
+        operation["nodeReimageOption"], "requeue",
+        "the seed default"
+    );
+}
+
 /// When `task` ended, as seconds since the epoch.
 fn task_end(task: &Value) -> f64 {
     let text = task["executionInfo"]["endTime"]
@@ -242,4 +306,102 @@ fn task_end(task: &Value) -> f64 {
         .unwrap_or_else(|| panic!("no endTime: {task}"));
     let at: jiff::Timestamp = text.parse().expect("endTime is RFC 3339");
     at.as_millisecond() as f64 / 1000.0
+}
+
+/// Examples per operation and the time budget of one Schemathesis run: a
+/// quick pass, or the long one CI runs (`REIMAGE_LONG_TESTS=1`).
+fn schemathesis_budget() -> (u32, u32) {
+    if std::env::var_os("REIMAGE_LONG_TESTS").is_some_and(|v| v == "1") {
+        (50, 90)
+    } else {
+        (5, 20)
+    }
+}
+
+/// Schemathesis's configuration, with `refused` (a status) also expected
+/// for well-formed requests.
+fn schemathesis_config(refused: Option<&str>) -> String {
+    let refused = refused
+        .map(|status| format!(", \"{status}\""))
+        .unwrap_or_default();
+    format!(
+        r#"# The description promises which requests are well formed; whether the
+# node can take one now is its state's business: a reimage during a
+# reimage or a task id already used are refused with 409 and are valid
+# data all the same, as is a task or file that does not exist (404).
+[checks.positive_data_acceptance]
+expected-statuses = ["2XX", "404", "409"{refused}]
+
+# Schemathesis guesses links between operations from their paths and, with
+# a Batch node and a v1 node both present, links /pools/{{pool}}/nodes/{{node}}
+# to /v1/node/reimage with `pool` and `node` parameters that route does
+# not have, which it then reports as an error of the description. The
+# stateful phase still follows the links the description declares.
+[phases.stateful.inference]
+algorithms = []
+"#
+    )
+}
+
+#[test]
+fn schemathesis_finds_nothing_with_an_admin_or_a_reader_token() {
+    let venv = match venv("schemathesis") {
+        Ok(venv) => venv,
+        Err(reason) => return println!("skipping: {reason}"),
+    };
+    let node = node();
+    let ca = node.ca_path();
+    let (examples, seconds) = schemathesis_budget();
+    // A reader is refused every change: its 403s are the expected answer.
+    for (token, refused) in [(ADMIN, None), (READER, Some("403"))] {
+        let config = node.dir.path().join("schemathesis.toml");
+        std::fs::write(&config, schemathesis_config(refused)).expect("write config");
+        let mut command = Command::new(venv.join("bin/schemathesis"));
+        command
+            .current_dir(node.dir.path())
+            .arg("--config-file")
+            .arg(&config)
+            .arg("run")
+            .arg(format!("{}/v1/openapi.json", node.daemon.url))
+            // One worker: Hypothesis's lambda introspection is not safe
+            // across threads ("AST constructor recursion depth mismatch").
+            .args(["--checks", "all", "--seed", "11", "--workers", "1"])
+            .args(["--max-examples", &examples.to_string()])
+            .args(["--max-time", &seconds.to_string()])
+            .arg("--header")
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg("--tls-verify")
+            .arg(&ca)
+            .env("NO_COLOR", "1");
+        let limit = Duration::from_secs(u64::from(seconds) + 120);
+        let output = node.run_to_success("schemathesis", command, limit);
+        // "N generated, N passed, M skipped": every case generated passed.
+        let counts = output
+            .lines()
+            .find(|line| line.contains(" generated, "))
+            .unwrap_or_else(|| panic!("no test case counts:\n{output}"));
+        let numbers: Vec<u64> = counts
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert!(
+            numbers.len() >= 2 && numbers[0] > 0 && numbers[0] == numbers[1],
+            "not every case passed: {counts}\n{output}"
+        );
+    }
+    // Whatever it sent, the agent is healthy, nothing runs any more, and
+    // local-storage is what it was.
+    node.daemon
+        .wait_for("no operation in progress", "/v1/operations", |ops| {
+            ops["value"]
+                .as_array()
+                .is_some_and(|ops| ops.iter().all(|op| op["status"] != "InProgress"))
+        });
+    let (storage, _) =
+        partition_sha256(&node.dir.path().join("disk.img"), "local-storage").expect("kept");
+    assert_eq!(storage, node.storage_sha, "local-storage changed");
+    let (status, _, body) = node
+        .daemon
+        .request(reqwest::Method::GET, "/healthz", None, None, &[]);
+    assert_eq!(status, 200, "healthz after the run: {body}");
 }

@@ -42,8 +42,10 @@ except ResourceNotFoundError as err:
     expect(err.status_code == 404, f"status {err.status_code}")
     expect(err.error.code == "NodeNotFound", f"code {err.error.code}")
 try:
-    # Without options the SDK sends no content type and fails itself.
-    client.begin_reimage_node(POOL, "no-such-node", BatchNodeReimageOptions())
+    # Without options 15.1.0 sends no content type and fails before the
+    # request, so every reimage here names its option.
+    client.begin_reimage_node(
+        POOL, "no-such-node", BatchNodeReimageOptions(node_reimage_option="requeue"))
     expect(False, "begin_reimage_node of another id succeeded")
 except ResourceNotFoundError as err:
     expect(err.error.code == "NodeNotFound", f"code {err.error.code}")
@@ -72,7 +74,8 @@ reimage = latest_operation("reimage")
 expect(client.get_node(POOL, NODE).state == models.BatchNodeState.REIMAGING, "node not reimaging")
 
 try:
-    client.begin_reimage_node(POOL, NODE, BatchNodeReimageOptions())
+    client.begin_reimage_node(
+        POOL, NODE, BatchNodeReimageOptions(node_reimage_option="requeue"))
     expect(False, "a reimage during a reimage was accepted")
 except ResourceExistsError as err:
     expect(err.status_code == 409, f"status {err.status_code}")
