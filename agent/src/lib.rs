@@ -15,6 +15,7 @@ pub mod handoff;
 pub mod image;
 pub mod metrics;
 pub mod ops;
+pub mod pattern;
 pub mod pipeline;
 pub mod progress;
 pub mod reboot;

@@ -357,10 +357,23 @@ pub struct AddTaskRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserIdentity {
+    /// Required: without it the identity names no user this agent has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(required = true, nullable = false))]
     pub auto_user: Option<AutoUserSpecification>,
+    /// A named account: refused (`UnsupportedUserIdentity`) until named
+    /// accounts are supported, so only `null` is described.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(schema_with = null_only))]
     pub username: Option<String>,
+}
+
+/// The schema of a field whose only accepted value is `null`.
+#[cfg(feature = "utoipa")]
+fn null_only() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Null)
+        .build()
 }
 
 /// `autoUser`: an account the node makes for tasks.

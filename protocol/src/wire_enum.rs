@@ -6,6 +6,7 @@
 /// A regular expression matching exactly `values`, in any letter case,
 /// written with character classes (`[rR][eE]…`) because the API
 /// description's pattern dialect has no case-insensitive flag.
+#[cfg(feature = "utoipa")]
 pub fn case_insensitive_pattern(values: &[&str]) -> String {
     let alternatives: Vec<String> = values
         .iter()
@@ -28,6 +29,7 @@ pub fn case_insensitive_pattern(values: &[&str]) -> String {
 
 /// Escapes only the pattern's syntax characters: an escaped ordinary
 /// character (`\\-`) is an error in the Unicode mode of ECMA-262 patterns.
+#[cfg(feature = "utoipa")]
 fn regex_escape(c: char) -> String {
     if "^$\\.*+?()[]{}|/".contains(c) {
         format!("\\{c}")
@@ -122,7 +124,7 @@ macro_rules! wire_enum {
 
 pub(crate) use wire_enum;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "utoipa"))]
 mod tests {
     use super::*;
 

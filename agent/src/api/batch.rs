@@ -8,6 +8,7 @@ use crate::api::body::OptionalJsonBody;
 use crate::api::error::ApiError;
 use crate::api::{ApiState, REQUEST_ID, client_request_id, insert_header};
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{ETAG, HOST, LAST_MODIFIED, LOCATION};
 use axum::http::{HeaderMap, HeaderName, StatusCode};
@@ -23,19 +24,30 @@ use sha2::{Digest, Sha256};
 /// Batch's `DataServiceId` header: the URL of the entity a request changed.
 pub const DATA_SERVICE_ID: HeaderName = HeaderName::from_static("dataserviceid");
 
-/// Batch's query string: `api-version` is required; `timeout` is accepted
-/// and ignored (every request is answered at once); `$select` is ignored
-/// (the whole node is always returned); `$filter` is refused, since the
-/// agent cannot honour it.
+/// Batch's query string: `api-version` is required; `timeout` must be an
+/// int32, as the description says, and is otherwise ignored (every request
+/// is answered at once); `$select` is ignored (the whole node is always
+/// returned); `$filter` is refused, since the agent cannot honour it.
 #[derive(Debug, Deserialize)]
 pub struct BatchQuery {
     #[serde(rename = "api-version")]
     api_version: Option<String>,
+    timeout: Option<String>,
+    maxresults: Option<String>,
     #[serde(rename = "$filter")]
     filter: Option<String>,
 }
 
 impl BatchQuery {
+    /// The query, or why it is refused: one that does not parse (a
+    /// repeated parameter, say) gets the JSON error body too.
+    fn checked(query: Result<Query<BatchQuery>, QueryRejection>) -> Result<(), ApiError> {
+        let Query(query) = query.map_err(|rejection| {
+            ApiError::bad_request(ErrorCode::InvalidQueryParameterValue, rejection.body_text())
+        })?;
+        query.check()
+    }
+
     fn check(&self) -> Result<(), ApiError> {
         if self.api_version.as_deref().is_none_or(str::is_empty) {
             return Err(ApiError::bad_request(
@@ -43,6 +55,17 @@ impl BatchQuery {
                 "the api-version query parameter is required",
             )
             .with_value("QueryParameterName", "api-version"));
+        }
+        for (name, value) in [("timeout", &self.timeout), ("maxresults", &self.maxresults)] {
+            if let Some(value) = value
+                && value.parse::<i32>().is_err()
+            {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidQueryParameterValue,
+                    format!("{name} {value:?} is not an int32"),
+                )
+                .with_value("QueryParameterName", name));
+            }
         }
         if self.filter.is_some() {
             return Err(ApiError::bad_request(
@@ -72,10 +95,10 @@ impl BatchQuery {
 pub async fn get_node(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     check_node(&state, &node)?;
     let compute_node = compute_node(&state, &headers, &pool);
     let mut response = Json(&compute_node).into_response();
@@ -97,10 +120,10 @@ pub async fn get_node(
 pub async fn list_nodes(
     State(state): State<ApiState>,
     Path(pool): Path<String>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<ComputeNodeList>, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     Ok(Json(ComputeNodeList {
         value: vec![compute_node(&state, &headers, &pool)],
     }))
@@ -133,11 +156,11 @@ pub async fn list_nodes(
 pub async fn reimage(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
     OptionalJsonBody(request): OptionalJsonBody<ReimageRequest>,
 ) -> Result<Response, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     check_node(&state, &node)?;
     let client_id = client_request_id(&headers)?;
     let operation = state.agent.reimage(request, client_id.as_deref()).await?;
@@ -172,11 +195,11 @@ pub async fn reimage(
 pub async fn reboot(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
     OptionalJsonBody(request): OptionalJsonBody<RebootRequest>,
 ) -> Result<Response, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     check_node(&state, &node)?;
     let client_id = client_request_id(&headers)?;
     let operation = state.agent.reboot(request, client_id.as_deref()).await?;
@@ -209,11 +232,11 @@ pub async fn reboot(
 pub async fn disable_scheduling(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
     OptionalJsonBody(request): OptionalJsonBody<DisableSchedulingRequest>,
 ) -> Result<Response, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     check_node(&state, &node)?;
     state
         .agent
@@ -239,10 +262,10 @@ pub async fn disable_scheduling(
 pub async fn enable_scheduling(
     State(state): State<ApiState>,
     Path((pool, node)): Path<(String, String)>,
-    Query(query): Query<BatchQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    query.check()?;
+    BatchQuery::checked(query)?;
     check_node(&state, &node)?;
     state.agent.enable_scheduling().await?;
     Ok(changed(&state, &headers, &pool, StatusCode::OK, None))

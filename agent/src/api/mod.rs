@@ -14,6 +14,7 @@ pub mod tls;
 
 use crate::api::auth::Role;
 use crate::ops::Agent;
+use crate::pattern::Pattern;
 use crate::tasks::Requester;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -82,7 +83,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
 }
 
 /// The API description served at `/v1/openapi.json`.
-pub fn description() -> utoipa::openapi::OpenApi {
+pub fn description() -> serde_json::Value {
     openapi::complete(routes().into_openapi())
 }
 
@@ -92,13 +93,8 @@ struct OpenApiJson(Bytes);
 
 /// The API's router.
 pub fn router(state: ApiState) -> Router {
-    let (router, description) = routes().split_for_parts();
-    let description = openapi::complete(description);
-    let json = serde_json::to_vec(&description).unwrap_or_else(|err| {
-        // Only a bug in a schema can get here; the API itself must still serve.
-        tracing::error!(%err, "cannot serialise the OpenAPI description");
-        b"{}".to_vec()
-    });
+    let (router, paths) = routes().split_for_parts();
+    let json = openapi::complete(paths).to_string().into_bytes();
     router
         .fallback(|| async { ApiError::not_found(ErrorCode::ResourceNotFound, NO_SUCH_ROUTE) })
         .layer(Extension(OpenApiJson(Bytes::from(json))))
@@ -119,19 +115,30 @@ async fn request_id(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
-    let echo = request
-        .headers()
-        .get(RETURN_CLIENT_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-        .then(|| request.headers().get(&CLIENT_REQUEST_ID).cloned())
-        .flatten();
-    let mut response = next.run(request).await;
-    if let Some(client_request_id) = echo {
-        response
-            .headers_mut()
-            .insert(CLIENT_REQUEST_ID, client_request_id);
-    }
+    // The Service Management routes do not take the header: it is ignored
+    // there, as any unknown header.
+    let echo = return_client_request_id(request.headers()).or_else(|err| {
+        if seed::is_service_management(&route) {
+            Ok(false)
+        } else {
+            Err(err)
+        }
+    });
+    let mut response = match echo {
+        Ok(echo) => {
+            let echo = echo
+                .then(|| request.headers().get(&CLIENT_REQUEST_ID).cloned())
+                .flatten();
+            let mut response = next.run(request).await;
+            if let Some(client_request_id) = echo {
+                response
+                    .headers_mut()
+                    .insert(CLIENT_REQUEST_ID, client_request_id);
+            }
+            response
+        }
+        Err(err) => err.into_response(),
+    };
     if !response.headers().contains_key(REQUEST_ID)
         && let Ok(value) = HeaderValue::from_str(&crate::ops::new_request_id())
     {
@@ -190,6 +197,26 @@ pub(crate) fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &s
     }
 }
 
+/// A `client-request-id`: 1 to 128 visible ASCII characters, spaces only
+/// between them.
+pub static CLIENT_REQUEST_ID_PATTERN: Pattern = Pattern::new("^[!-~](?:[ -~]{0,126}[!-~])?$");
+
+/// `return-client-request-id`: `true` or `false` in any letter case, as the
+/// description's boolean; absent is `false`.
+fn return_client_request_id(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let Some(value) = headers.get(&RETURN_CLIENT_REQUEST_ID) else {
+        return Ok(false);
+    };
+    match value.to_str().map(str::to_ascii_lowercase).as_deref() {
+        Ok("true") => Ok(true),
+        Ok("false") => Ok(false),
+        _ => Err(ApiError::bad_request(
+            ErrorCode::InvalidHeaderValue,
+            "return-client-request-id must be true or false",
+        )),
+    }
+}
+
 pub(crate) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(&CLIENT_REQUEST_ID) else {
         return Ok(None);
@@ -197,7 +224,7 @@ pub(crate) fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, A
     let text = value
         .to_str()
         .ok()
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .filter(|v| CLIENT_REQUEST_ID_PATTERN.is_match(v))
         .ok_or_else(|| {
             ApiError::bad_request(
                 ErrorCode::InvalidHeaderValue,

@@ -4,10 +4,17 @@
 //! enforces it: the role each route needs ([`auth::required_role`]), the
 //! `401`/`403` of the token check and the `400`/`413`/`415` of JSON bodies.
 
-use crate::api::{auth, seed};
+use crate::api::{CLIENT_REQUEST_ID_PATTERN, auth, seed};
+use crate::duration::{DURATION_PATTERN, ZERO_DURATION_PATTERN};
+use crate::image::source::API_URL_PATTERN;
+use crate::pattern::Pattern;
+use crate::tasks::record::{
+    COMMAND_LINE_PATTERN, ENV_NAME_PATTERN, ENV_VALUE_PATTERN, ID_PATTERN as TASK_ID_PATTERN,
+};
 use reimage_protocol::api::ErrorBody;
 use utoipa::OpenApi;
 use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 
@@ -36,8 +43,9 @@ pub const BEARER: &str = "bearer";
 )]
 struct ApiDoc;
 
-/// `paths` (from the router) with everything the routes share added.
-pub fn complete(paths: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+/// `paths` (from the router) with everything the routes share added, as
+/// the JSON `/v1/openapi.json` serves.
+pub fn complete(paths: utoipa::openapi::OpenApi) -> serde_json::Value {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc.merge(paths);
@@ -56,9 +64,104 @@ pub fn complete(paths: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
         let xml = seed::is_service_management(path);
         for (method, operation) in operations(item) {
             add_shared(path, &method, xml, operation);
+            constrain_parameters(path, operation);
         }
     }
-    doc
+    if let Some(components) = doc.components.as_mut() {
+        for (schema, field, pattern) in field_patterns() {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema)
+                && let Some(RefOr::T(Schema::Object(property))) = object.properties.get_mut(field)
+            {
+                property.pattern = Some(pattern.source().to_string());
+            }
+        }
+    }
+    let mut json = serde_json::to_value(&doc).unwrap_or_else(|err| {
+        // Only a bug in a schema can get here; the API itself must still serve.
+        tracing::error!(%err, "cannot serialise the OpenAPI description");
+        serde_json::Value::Null
+    });
+    forbid_image_with_manifest(&mut json);
+    forbid_zero_wall_clock(&mut json);
+    json
+}
+
+/// A task's `maxWallClockTime` cannot be zero (`tasks::record` refuses
+/// it: a task needs some time to run).
+fn forbid_zero_wall_clock(json: &mut serde_json::Value) {
+    if let Some(field) = json
+        .pointer_mut("/components/schemas/TaskConstraints/properties/maxWallClockTime")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        field.insert(
+            "not".into(),
+            serde_json::json!({"type": "string", "pattern": ZERO_DURATION_PATTERN.source()}),
+        );
+    }
+}
+
+/// A reimage names its image inline or by manifest, not both
+/// (`ops::image_choice` refuses that): JSON Schema's `not`, which the
+/// typed description has no field for.
+fn forbid_image_with_manifest(json: &mut serde_json::Value) {
+    if let Some(schema) = json
+        .pointer_mut("/components/schemas/ReimageRequest")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        schema.insert(
+            "not".into(),
+            serde_json::json!({
+                "required": ["image", "manifestUrl"],
+                "properties": {
+                    "image": {"type": "object"},
+                    "manifestUrl": {"type": "string"},
+                },
+            }),
+        );
+    }
+}
+
+/// The fields whose shape the agent checks with a pattern (the derive
+/// cannot see them): schema, field, the pattern the check uses.
+fn field_patterns() -> [(&'static str, &'static str, &'static Pattern); 8] {
+    [
+        ("AddTaskRequest", "id", &TASK_ID_PATTERN),
+        ("AddTaskRequest", "commandLine", &COMMAND_LINE_PATTERN),
+        ("EnvironmentSetting", "name", &ENV_NAME_PATTERN),
+        ("EnvironmentSetting", "value", &ENV_VALUE_PATTERN),
+        ("TaskConstraints", "maxWallClockTime", &DURATION_PATTERN),
+        ("TaskConstraints", "retentionTime", &DURATION_PATTERN),
+        ("ImageSpec", "url", &API_URL_PATTERN),
+        ("ReimageRequest", "manifestUrl", &API_URL_PATTERN),
+    ]
+}
+
+/// Gives the parameters the agent checks by pattern that pattern, and
+/// `return-client-request-id` its one type.
+fn constrain_parameters(path: &str, operation: &mut Operation) {
+    for parameter in operation.parameters.iter_mut().flatten() {
+        let RefOr::T(parameter) = parameter else {
+            continue;
+        };
+        if parameter.name == "return-client-request-id" {
+            // A header is absent or has a value: `true` or `false`, never
+            // `null` (which the derive adds for an optional boolean).
+            if let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut() {
+                schema.schema_type = SchemaType::Type(Type::Boolean);
+            }
+            continue;
+        }
+        let pattern = match parameter.name.as_str() {
+            "client-request-id" => &CLIENT_REQUEST_ID_PATTERN,
+            "x-ms-version" => &seed::ms_version_of(path).accepted,
+            "slot" => &seed::SLOT,
+            "comp" => &seed::COMP,
+            _ => continue,
+        };
+        if let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut() {
+            schema.pattern = Some(pattern.source().to_string());
+        }
+    }
 }
 
 /// The operations of a path item with their HTTP methods.
@@ -158,7 +261,7 @@ mod tests {
 
     #[test]
     fn every_reference_resolves_to_a_component() {
-        let doc = serde_json::to_value(crate::api::description()).expect("serialises");
+        let doc = crate::api::description();
         let mut found = Vec::new();
         refs(&doc, &mut found);
         assert!(!found.is_empty());
@@ -175,7 +278,7 @@ mod tests {
 
     #[test]
     fn every_route_but_the_health_check_needs_a_token() {
-        let doc = serde_json::to_value(crate::api::description()).expect("serialises");
+        let doc = crate::api::description();
         assert_eq!(
             doc["components"]["securitySchemes"][BEARER]["scheme"],
             "bearer"
@@ -205,7 +308,7 @@ mod tests {
 
     #[test]
     fn service_management_errors_are_described_as_xml() {
-        let doc = serde_json::to_value(crate::api::description()).expect("serialises");
+        let doc = crate::api::description();
         let unauthorized = &doc["paths"]["/{subscription}/operations/{request_id}"]["get"]["responses"]
             ["401"]["content"];
         assert!(
@@ -217,6 +320,51 @@ mod tests {
             unauthorized.get("application/json").is_some(),
             "{unauthorized}"
         );
+    }
+
+    #[test]
+    fn checked_fields_and_parameters_carry_their_patterns() {
+        let doc = crate::api::description();
+        let schemas = &doc["components"]["schemas"];
+        for (schema, field, pattern) in field_patterns() {
+            assert_eq!(
+                schemas[schema]["properties"][field]["pattern"],
+                pattern.source(),
+                "{schema}.{field}"
+            );
+        }
+        let parameters = |path: &str, method: &str| {
+            doc["paths"][path][method]["parameters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let pattern_of = |path: &str, method: &str, name: &str| {
+            parameters(path, method)
+                .iter()
+                .find(|p| p["name"] == name)
+                .map(|p| p["schema"]["pattern"].clone())
+                .unwrap_or_else(|| panic!("{method} {path} has no {name}"))
+        };
+        assert_eq!(
+            pattern_of("/v1/node/reimage", "post", "client-request-id"),
+            CLIENT_REQUEST_ID_PATTERN.source()
+        );
+        assert_eq!(
+            pattern_of(
+                "/{subscription}/operations/{request_id}",
+                "get",
+                "x-ms-version"
+            ),
+            seed::MS_VERSION_OPERATION_STATUS.accepted.source()
+        );
+        let by_slot = "/{subscription}/services/hostedservices/{service}/deploymentslots/{slot}/roleinstances/{role}";
+        assert_eq!(
+            pattern_of(by_slot, "post", "x-ms-version"),
+            seed::MS_VERSION_REIMAGE.accepted.source()
+        );
+        assert_eq!(pattern_of(by_slot, "post", "slot"), seed::SLOT.source());
+        assert_eq!(pattern_of(by_slot, "post", "comp"), seed::COMP.source());
     }
 
     #[test]

@@ -6,8 +6,10 @@
 use crate::api::error::ApiError;
 use crate::api::{ApiState, REQUEST_ID, client_request_id, insert_header};
 use crate::ops::Refusal;
-use axum::extract::{Path, Query, State};
+use crate::pattern::Pattern;
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use reimage_protocol::ErrorCode;
@@ -19,10 +21,55 @@ use utoipa::ToSchema;
 pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
 /// Service Management's API version header, required on every request.
 pub const MS_VERSION: HeaderName = HeaderName::from_static("x-ms-version");
-/// The oldest Service Management version with Reimage Role Instance.
-pub const MIN_MS_VERSION_REIMAGE: &str = "2010-10-28";
-/// The oldest Service Management version with Get Operation Status.
-pub const MIN_MS_VERSION_OPERATION_STATUS: &str = "2009-10-01";
+/// The `x-ms-version` values a Service Management operation takes: a date
+/// (YYYY-MM-DD, months 01-12, days 01-31; the calendar is not consulted)
+/// on or after the version that introduced the operation.
+pub struct MsVersion {
+    /// The oldest version with the operation.
+    pub minimum: &'static str,
+    /// Exactly the accepted values, for the API description.
+    pub accepted: Pattern,
+}
+
+/// A date in `x-ms-version`'s shape, whatever its age.
+static MS_VERSION_SHAPE: Pattern =
+    Pattern::new("^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])$");
+
+/// Reimage Role Instance: 2010-10-28 or later.
+pub static MS_VERSION_REIMAGE: MsVersion = MsVersion {
+    minimum: "2010-10-28",
+    accepted: Pattern::new(
+        "^(?:2010-(?:10-(?:2[89]|3[01])|1[12]-(?:0[1-9]|[12][0-9]|3[01]))\
+         |(?:201[1-9]|20[2-9][0-9]|2[1-9][0-9]{2}|[3-9][0-9]{3})\
+         -(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]))$",
+    ),
+};
+
+/// Get Operation Status: 2009-10-01 or later.
+pub static MS_VERSION_OPERATION_STATUS: MsVersion = MsVersion {
+    minimum: "2009-10-01",
+    accepted: Pattern::new(
+        "^(?:2009-1[0-2]-(?:0[1-9]|[12][0-9]|3[01])\
+         |(?:20[1-9][0-9]|2[1-9][0-9]{2}|[3-9][0-9]{3})\
+         -(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]))$",
+    ),
+};
+
+/// The deployment slots, in any letter case.
+pub static SLOT: Pattern =
+    Pattern::new("^(?:[pP][rR][oO][dD][uU][cC][tT][iI][oO][nN]|[sS][tT][aA][gG][iI][nN][gG])$");
+
+/// The one `comp` of the role instance routes.
+pub static COMP: Pattern = Pattern::new("^reimage$");
+
+/// The versions the Service Management route `route` takes.
+pub fn ms_version_of(route: &str) -> &'static MsVersion {
+    if route.contains("/roleinstances/") {
+        &MS_VERSION_REIMAGE
+    } else {
+        &MS_VERSION_OPERATION_STATUS
+    }
+}
 /// Service Management's XML namespace.
 pub const MS_NAMESPACE: &str = "http://schemas.microsoft.com/windowsazure";
 /// Schema name of the Service Management error body in the API description.
@@ -34,10 +81,36 @@ pub fn is_service_management(route: &str) -> bool {
     route.starts_with("/{subscription}/")
 }
 
-/// The role instance routes' query string: `comp=reimage`.
+/// The role instance routes' query string: `comp=reimage`. As an
+/// extractor it refuses anything else, a query string that does not parse
+/// included, with the XML error body.
 #[derive(Debug, Deserialize)]
 pub struct RoleInstanceQuery {
     comp: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RoleInstanceQuery {
+    type Rejection = XmlError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, XmlError> {
+        let query = Query::<RoleInstanceQuery>::from_request_parts(parts, state)
+            .await
+            .ok()
+            .map(|Query(query)| query)
+            .filter(|query| {
+                query
+                    .comp
+                    .as_deref()
+                    .is_some_and(|comp| COMP.is_match(comp))
+            });
+        query.ok_or_else(|| {
+            XmlError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "role instances support only comp=reimage; add ?comp=reimage to the URI",
+            )
+        })
+    }
 }
 
 /// Service Management "Reimage Role Instance" by deployment name: reimages
@@ -60,10 +133,10 @@ pub struct RoleInstanceQuery {
 pub async fn role_instance(
     State(state): State<ApiState>,
     Path((_subscription, _service, _deployment, role)): Path<(String, String, String, String)>,
-    Query(query): Query<RoleInstanceQuery>,
+    _query: RoleInstanceQuery,
     headers: HeaderMap,
 ) -> Result<Response, XmlError> {
-    reimage_role_instance(&state, &role, &query, &headers).await
+    reimage_role_instance(&state, &role, &headers).await
 }
 
 /// Service Management "Reimage Role Instance" by deployment slot
@@ -86,33 +159,25 @@ pub async fn role_instance(
 pub async fn role_instance_by_slot(
     State(state): State<ApiState>,
     Path((_subscription, _service, slot, role)): Path<(String, String, String, String)>,
-    Query(query): Query<RoleInstanceQuery>,
+    _query: RoleInstanceQuery,
     headers: HeaderMap,
 ) -> Result<Response, XmlError> {
-    if !slot.eq_ignore_ascii_case("production") && !slot.eq_ignore_ascii_case("staging") {
+    if !SLOT.is_match(&slot) {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::BadRequest,
             &format!("the deployment slot must be production or staging, not {slot}"),
         ));
     }
-    reimage_role_instance(&state, &role, &query, &headers).await
+    reimage_role_instance(&state, &role, &headers).await
 }
 
 async fn reimage_role_instance(
     state: &ApiState,
     role: &str,
-    query: &RoleInstanceQuery,
     headers: &HeaderMap,
 ) -> Result<Response, XmlError> {
-    if query.comp.as_deref() != Some("reimage") {
-        return Err(XmlError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            "role instances support only comp=reimage; add ?comp=reimage to the URI",
-        ));
-    }
-    check_ms_version(headers, MIN_MS_VERSION_REIMAGE)?;
+    check_ms_version(headers, &MS_VERSION_REIMAGE)?;
     if role != state.agent.node_id() {
         return Err(XmlError::new(
             StatusCode::NOT_FOUND,
@@ -150,7 +215,7 @@ pub async fn operation_status(
     Path((_subscription, request_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, XmlError> {
-    check_ms_version(&headers, MIN_MS_VERSION_OPERATION_STATUS)?;
+    check_ms_version(&headers, &MS_VERSION_OPERATION_STATUS)?;
     let operation = state.agent.operation(&request_id).ok_or_else(|| {
         XmlError::new(
             StatusCode::NOT_FOUND,
@@ -241,8 +306,9 @@ pub struct ServiceManagementError {
 }
 
 /// Refuses a request whose `x-ms-version` is missing, not a date, or older
-/// than `minimum`.
-fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> {
+/// than the operation.
+fn check_ms_version(headers: &HeaderMap, version: &MsVersion) -> Result<(), XmlError> {
+    let minimum = version.minimum;
     let Some(value) = headers.get(&MS_VERSION) else {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
@@ -253,7 +319,7 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
         ));
     };
     let text = value.to_str().unwrap_or_default();
-    if !is_iso_date(text) {
+    if !MS_VERSION_SHAPE.is_match(text) {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidHeader,
@@ -262,7 +328,7 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
             ),
         ));
     }
-    // ISO dates compare correctly as strings.
+    // Dates of this shape compare correctly as strings.
     if text < minimum {
         return Err(XmlError::new(
             StatusCode::BAD_REQUEST,
@@ -271,10 +337,6 @@ fn check_ms_version(headers: &HeaderMap, minimum: &str) -> Result<(), XmlError> 
         ));
     }
     Ok(())
-}
-
-fn is_iso_date(v: &str) -> bool {
-    v.len() == 10 && v.parse::<jiff::civil::Date>().is_ok()
 }
 
 /// XML text escaping for element content.
@@ -355,14 +417,41 @@ mod tests {
         let version = |v: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(MS_VERSION, v.parse().expect("header"));
-            check_ms_version(&headers, MIN_MS_VERSION_REIMAGE)
+            check_ms_version(&headers, &MS_VERSION_REIMAGE)
         };
         assert!(version("2010-10-28").is_ok());
         assert!(version("2024-11-01").is_ok());
         assert!(version("2009-10-01").is_err());
         assert!(version("2010-10-2").is_err());
         assert!(version("latest").is_err());
-        assert!(check_ms_version(&HeaderMap::new(), MIN_MS_VERSION_REIMAGE).is_err());
+        assert!(check_ms_version(&HeaderMap::new(), &MS_VERSION_REIMAGE).is_err());
+    }
+
+    /// Every date-like text from 2008 to 2012 and a few far ones: the
+    /// description's pattern accepts exactly what the check accepts.
+    #[test]
+    fn the_described_versions_are_the_checked_ones() {
+        let mut texts = Vec::new();
+        for year in (2008..=2012).chain([2099, 2100, 9999, 1999, 0]) {
+            for month in 0..=13 {
+                for day in [0, 1, 9, 10, 19, 27, 28, 29, 30, 31, 32] {
+                    texts.push(format!("{year:04}-{month:02}-{day:02}"));
+                }
+            }
+        }
+        texts.extend(["2011-1-01", "20110-01-01", "2011-01-01 ", "latest"].map(String::from));
+        for version in [&MS_VERSION_REIMAGE, &MS_VERSION_OPERATION_STATUS] {
+            for text in &texts {
+                let mut headers = HeaderMap::new();
+                headers.insert(MS_VERSION, text.parse().expect("header"));
+                assert_eq!(
+                    version.accepted.is_match(text),
+                    check_ms_version(&headers, version).is_ok(),
+                    "{text} against {}",
+                    version.minimum
+                );
+            }
+        }
     }
 
     #[test]

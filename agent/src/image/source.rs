@@ -1,12 +1,28 @@
 //! Where an image comes from: an HTTP(S) URL or a local path.
 
 use crate::image::http::{self, HttpOptions, HttpSource};
+use crate::pattern::Pattern;
 use crate::{Error, Result};
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 use url::Url;
+
+/// The `http(s)://` URLs an API request may name, as the API description
+/// states them: a DNS name whose last label starts with a letter, or a
+/// dotted-quad IPv4 address; a port up to 65535; a path and query of
+/// unreserved, reserved and `%` characters. Each such text is a URL the
+/// `url` crate parses (no IPv6 literals, no user info, no fragment).
+pub static API_URL_PATTERN: Pattern = Pattern::new(concat!(
+    "^[hH][tT][tT][pP][sS]?://",
+    "(?:(?:[A-Za-z0-9-]{1,63}\\.)*[A-Za-z][A-Za-z0-9-]{0,62}",
+    "|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}",
+    "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))",
+    "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0))?",
+    "(?:/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?",
+    "(?:\\?[A-Za-z0-9._~%!$&'()*+,;=:@/?-]*)?$"
+));
 
 /// An image or manifest location as given by the user or a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,16 +57,23 @@ impl Location {
         }
     }
 
-    /// A location named in an API request: an `http(s)://` URL, or a
-    /// `file://` URL where `allow_local_files` is set. Bare paths are
-    /// refused: they would be read relative to the daemon's working
-    /// directory, or anywhere on the node.
+    /// A location named in an API request: an `http(s)://` URL of
+    /// [`API_URL_PATTERN`]'s shape, or a `file://` URL where
+    /// `allow_local_files` is set. Bare paths are refused: they would be
+    /// read relative to the daemon's working directory, or anywhere on the
+    /// node.
     pub fn parse_url(text: &str, allow_local_files: bool) -> Result<Location> {
         let lower = text.to_ascii_lowercase();
         let is_file_url = lower.starts_with("file://");
         if !lower.starts_with("http://") && !lower.starts_with("https://") && !is_file_url {
             return Err(Error::InvalidArgument(format!(
                 "'{text}' is not an http:// or https:// URL"
+            )));
+        }
+        if !is_file_url && !API_URL_PATTERN.is_match(text) {
+            return Err(Error::InvalidArgument(format!(
+                "'{text}' is not a URL the agent takes: a host name or IPv4 address, \
+                 an optional port, then a path and query of URL characters"
             )));
         }
         if is_file_url && !allow_local_files {
@@ -204,5 +227,40 @@ mod tests {
                 .to_string(),
             "https://cdn/os.zst"
         );
+    }
+
+    #[test]
+    fn request_urls_of_the_described_shape_parse_and_others_are_refused() {
+        for text in [
+            "http://127.0.0.1:7480/os.img.zst",
+            "HTTPS://images.example.com/os.img?v=1&sig=a%2Fb",
+            "http://a-/x",
+            "http://0.0.0.0:0",
+            "http://h:65535/~user/(x)*;y=z@w:1",
+            "http://1.2.3.x",
+        ] {
+            assert!(API_URL_PATTERN.is_match(text), "{text}");
+            let location = Location::parse_url(text, false);
+            assert!(
+                matches!(location, Ok(Location::Http(_))),
+                "{text}: {location:?}"
+            );
+        }
+        for text in [
+            "0",
+            "http://",
+            "http://1.2.3.999/x",
+            "http://h:65536/x",
+            "http://[::1]/x",
+            "http://user@h/x",
+            "http://h/x#frag",
+            "http://h/a b",
+            "http://h.123/x",
+        ] {
+            assert!(!API_URL_PATTERN.is_match(text), "{text}");
+            assert!(Location::parse_url(text, false).is_err(), "{text}");
+        }
+        assert!(Location::parse_url("file:///srv/os.img", false).is_err());
+        assert!(Location::parse_url("file:///srv/os.img", true).is_ok());
     }
 }

@@ -20,7 +20,7 @@ mod error;
 mod identity;
 mod isolation;
 mod process;
-mod record;
+pub(crate) mod record;
 #[cfg(test)]
 mod tests;
 

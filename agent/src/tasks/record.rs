@@ -7,6 +7,7 @@ use super::TaskError;
 use super::identity::{self, Requester, RunAs};
 use super::process::ProcessIdentity;
 use crate::duration::parse_duration;
+use crate::pattern::Pattern;
 use reimage_protocol::api::{AddTaskRequest, ExecutionInfo, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -123,8 +124,22 @@ fn duration(field: &str, value: &str) -> Result<Duration, TaskError> {
     })
 }
 
-/// Ids are 1 to 64 characters of `[A-Za-z0-9_-]`: they name a directory,
-/// so nothing else (no `/`, no `..`) may get in.
+/// Task ids: 1 to 64 characters of `[A-Za-z0-9_-]`. They name a
+/// directory, so nothing else (no `/`, no `..`) may get in.
+pub static ID_PATTERN: Pattern = Pattern::new("^[A-Za-z0-9_-]{1,64}$");
+
+/// A command line: not blank (space, tab, CR and LF are blank), no NUL.
+pub static COMMAND_LINE_PATTERN: Pattern =
+    Pattern::new("^[^\\u0000]*[^\\u0000\\t\\n\\r ][^\\u0000]*$");
+
+/// An environment variable's name: not empty, no `=`, no NUL. (Names with
+/// the agent's prefixes are refused too, which the pattern leaves out: its
+/// dialect here has no look-ahead.)
+pub static ENV_NAME_PATTERN: Pattern = Pattern::new("^[^=\\u0000]+$");
+
+/// An environment variable's value: no NUL.
+pub static ENV_VALUE_PATTERN: Pattern = Pattern::new("^[^\\u0000]*$");
+
 pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
     let invalid = |reason: &str| TaskError::InvalidTaskId {
         id: id.to_owned(),
@@ -136,10 +151,7 @@ pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
     if id.len() > MAX_ID_LEN {
         return Err(invalid("an id has at most 64 characters"));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !ID_PATTERN.is_match(id) {
         return Err(invalid(
             "an id may hold only letters, digits, hyphens and underscores",
         ));
@@ -148,11 +160,11 @@ pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
 }
 
 fn check_command_line(command_line: &str) -> Result<(), TaskError> {
-    if command_line.trim().is_empty() {
-        return Err(TaskError::InvalidCommandLine("it is empty".into()));
-    }
     if command_line.contains('\0') {
         return Err(TaskError::InvalidCommandLine("it holds a NUL byte".into()));
+    }
+    if !COMMAND_LINE_PATTERN.is_match(command_line) {
+        return Err(TaskError::InvalidCommandLine("it is blank".into()));
     }
     Ok(())
 }
@@ -162,10 +174,10 @@ fn check_env(name: &str, value: &str) -> Result<(), TaskError> {
         name: name.to_owned(),
         reason: reason.to_owned(),
     };
-    if name.is_empty() || name.contains('=') || name.contains('\0') {
+    if !ENV_NAME_PATTERN.is_match(name) {
         return Err(invalid("a name must be non-empty, without '=' or NUL"));
     }
-    if value.contains('\0') {
+    if !ENV_VALUE_PATTERN.is_match(value) {
         return Err(invalid("the value holds a NUL byte"));
     }
     for prefix in [RESERVED_ENV_PREFIX, BATCH_ENV_PREFIX] {
