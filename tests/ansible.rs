@@ -1,0 +1,548 @@
+//! The Ansible collection `reimage.agent` end to end: ansible-core from
+//! PyPI in the venv `ansible/venv.sh` makes (cached), the example playbook
+//! `ansible/playbooks/rollout.yml` rolling 20 real agents on 127.0.0.1 in
+//! waves (`serial: [1, "50%", "100%"]`), a rerun that changes nothing, a
+//! rollout that stops at `max_fail_percentage`, and each module against
+//! one agent. Without python3 and its venv module the tests say
+//! `skipping <test>: <reason>`.
+
+use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
+use reimage_e2e::http_server::{Fault, FaultServer};
+use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Agents in the fleet; with `serial: [1, "50%", "100%"]` the waves are
+/// hosts 1, 2–11 and 12–20.
+const FLEET: usize = 20;
+const WAVES: [std::ops::Range<usize>; 3] = [0..1, 1..11, 11..20];
+
+/// The wave-2 hosts given an image that collides with their local-storage:
+/// 3 of 10 is more than the playbook's `max_fail_percentage: 20`.
+const COLLIDING: [usize; 3] = [2, 4, 6];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace holds tests/")
+        .to_path_buf()
+}
+
+fn skip(test: &str, reason: &str) {
+    eprintln!("skipping {test}: {reason}");
+}
+
+/// The venv with ansible-core (made by `ansible/venv.sh` if it is not
+/// cached yet), or why none can be had here.
+fn venv() -> Result<PathBuf, String> {
+    // The interpreter venv.sh uses.
+    let python = std::env::var("REIMAGE_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import venv, ensurepip"])
+        .output()
+        .map_err(|err| format!("no {python}: {err}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "{python} has no venv module (install python3-venv): {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+    }
+    let output = Command::new("bash")
+        .arg(repo().join("ansible/venv.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("venv.sh runs");
+    assert!(output.status.success(), "ansible/venv.sh failed");
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
+}
+
+/// Runs `command`, printing its output for the test log.
+fn run(command: &mut Command) -> Output {
+    let started = Instant::now();
+    let output = command.output().expect("the command runs");
+    eprintln!(
+        "--- {command:?} ({:.1} s)\n{}{}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The images the agents are given, by name, served from 127.0.0.1 as
+/// `/NAME.img.zst`.
+struct Images {
+    server: FaultServer,
+    sha256: BTreeMap<&'static str, String>,
+}
+
+impl Images {
+    fn serve() -> Images {
+        let images = [
+            ("first", os_image(8, 1, 7)),
+            ("second", os_image(8, 1, 8)),
+            // Its root partition (3–27 MiB) runs over local-storage (23–31
+            // MiB of the 32 MiB disks): refused before a byte is written.
+            ("colliding", os_image(28, 1, 9)),
+        ];
+        let sha256 = images
+            .iter()
+            .map(|(name, raw)| (*name, sha256(raw)))
+            .collect();
+        let files = images
+            .iter()
+            .map(|(name, raw)| (format!("/{name}.img.zst"), Arc::new(zstd(raw))))
+            .collect();
+        Images {
+            server: FaultServer::start(files, Fault::None),
+            sha256,
+        }
+    }
+
+    fn sha(&self, name: &str) -> &str {
+        &self.sha256[name]
+    }
+
+    /// The host variables that name image `name`.
+    fn vars(&self, name: &str) -> Value {
+        json!({
+            "reimage_image_url": self.server.url(&format!("/{name}.img.zst")),
+            "reimage_image_sha256": self.sha(name),
+        })
+    }
+}
+
+/// One agent with a 32 MiB disk file (local-storage in its last 8 MiB).
+struct Node {
+    name: String,
+    daemon: Daemon,
+    disk: PathBuf,
+    storage_sha: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(index: usize) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk.img");
+        let storage_sha = target_disk(&disk, 32, 8, 100 + index as u64);
+        let daemon = Daemon::start(&write_config(dir.path(), ""));
+        Node {
+            name: format!("agent-{:02}", index + 1),
+            daemon,
+            disk,
+            storage_sha,
+            _dir: dir,
+        }
+    }
+
+    fn reimages(&self) -> Vec<Value> {
+        self.daemon.get("/v1/operations")["value"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|op| op["kind"] == "reimage")
+            .cloned()
+            .collect()
+    }
+
+    fn image_sha(&self) -> Value {
+        self.daemon.get("/v1/node")["image"]["sha256"].clone()
+    }
+
+    fn assert_storage_intact(&self) {
+        let (now, _) = partition_sha256(&self.disk, "local-storage").expect("local-storage");
+        assert_eq!(
+            now, self.storage_sha,
+            "{}: local-storage changed",
+            self.name
+        );
+    }
+}
+
+/// `ansible-playbook` from the venv, with the collection from the
+/// repository and nothing from the user's home.
+struct Ansible {
+    venv: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Ansible {
+    fn new(venv: PathBuf) -> Ansible {
+        Ansible {
+            venv,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut command = Command::new(self.venv.join("bin").join(tool));
+        let tmp = self.dir.path().join("tmp");
+        command
+            .current_dir(self.dir.path())
+            .env(
+                "ANSIBLE_COLLECTIONS_PATH",
+                repo().join("ansible/collections"),
+            )
+            .env("ANSIBLE_LOCAL_TEMP", &tmp)
+            .env("ANSIBLE_REMOTE_TEMP", &tmp)
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_FORCE_COLOR", "0")
+            // A whole wave (10 nodes) in flight at once.
+            .env("ANSIBLE_FORKS", "10")
+            .env("REIMAGE_TOKEN", ADMIN);
+        command
+    }
+
+    /// Runs the rollout playbook over `fleet`, `vars(index)` being the
+    /// variables of the fleet's host `index`.
+    fn rollout(&self, fleet: &[Node], vars: impl Fn(usize) -> Value) -> Rollout {
+        let hosts: serde_json::Map<String, Value> = fleet
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let mut host = vars(index);
+                host["reimage_agent_url"] = Value::from(node.daemon.url.as_str());
+                (node.name.clone(), host)
+            })
+            .collect();
+        // JSON is YAML: the inventory's YAML plugin reads it.
+        let inventory = self.dir.path().join("inventory.yml");
+        let text = json!({
+            "reimage_agents": {
+                "hosts": hosts,
+                "vars": {"reimage_poll_interval": 0.1, "reimage_wait_timeout": 120},
+            }
+        });
+        fs::write(&inventory, text.to_string()).expect("write inventory");
+        let started = Instant::now();
+        let output = run(self
+            .command("ansible-playbook")
+            .arg("-i")
+            .arg(&inventory)
+            .arg(repo().join("ansible/playbooks/rollout.yml")));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        Rollout {
+            success: output.status.success(),
+            recap: recap(&stdout),
+            stdout,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// What one `ansible-playbook` run showed.
+struct Rollout {
+    success: bool,
+    /// Host → counter (`ok`, `changed`, `failed`, ...) → value.
+    recap: BTreeMap<String, BTreeMap<String, u64>>,
+    stdout: String,
+    seconds: f64,
+}
+
+impl Rollout {
+    fn count(&self, host: &str, counter: &str) -> u64 {
+        self.recap
+            .get(host)
+            .and_then(|c| c.get(counter))
+            .copied()
+            .unwrap_or_else(|| panic!("no {counter} for {host} in the recap:\n{}", self.stdout))
+    }
+}
+
+/// The `PLAY RECAP` lines: `host : ok=2 changed=1 unreachable=0 failed=0 ...`.
+fn recap(stdout: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("PLAY RECAP"))
+        .skip(1)
+        .filter_map(|line| {
+            let (host, counters) = line.split_once(" : ")?;
+            let counters = counters
+                .split_whitespace()
+                .filter_map(|pair| {
+                    let (name, value) = pair.split_once('=')?;
+                    Some((name.to_string(), value.parse().ok()?))
+                })
+                .collect();
+            Some((host.trim().to_string(), counters))
+        })
+        .collect()
+}
+
+fn time(value: &Value) -> jiff::Timestamp {
+    value
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
+}
+
+#[test]
+fn the_rollout_playbook_reimages_in_waves_changes_nothing_twice_and_stops_at_max_fail_percentage() {
+    let test = "the_rollout_playbook_reimages_in_waves_changes_nothing_twice_and_stops_at_max_fail_percentage";
+    let venv = match venv() {
+        Ok(venv) => venv,
+        Err(reason) => return skip(test, &reason),
+    };
+    let images = Images::serve();
+    let started = Instant::now();
+    let fleet: Vec<Node> = (0..FLEET).map(Node::start).collect();
+    eprintln!(
+        "{FLEET} agents up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let ansible = Ansible::new(venv);
+
+    let first = ansible.rollout(&fleet, |_| images.vars("first"));
+    assert!(first.success, "the rollout failed:\n{}", first.stdout);
+    assert_eq!(first.recap.len(), FLEET, "{}", first.stdout);
+    for node in &fleet {
+        assert_eq!(first.count(&node.name, "changed"), 1, "{}", node.name);
+        assert_eq!(first.count(&node.name, "failed"), 0, "{}", node.name);
+        assert_eq!(node.image_sha(), images.sha("first"), "{}", node.name);
+        let reimages = node.reimages();
+        assert_eq!(reimages.len(), 1, "{}: {reimages:?}", node.name);
+        assert_eq!(reimages[0]["status"], "Succeeded", "{}", node.name);
+        node.assert_storage_intact();
+    }
+    // Serial waves on the agents' own clocks: every reimage of a wave
+    // ended before the first of the next one was requested.
+    let spans: Vec<(jiff::Timestamp, jiff::Timestamp)> = fleet
+        .iter()
+        .map(|node| {
+            let op = &node.reimages()[0];
+            (time(&op["createdAt"]), time(&op["endedAt"]))
+        })
+        .collect();
+    for pair in WAVES.windows(2) {
+        let last_end = spans[pair[0].clone()].iter().map(|s| s.1).max();
+        let next_start = spans[pair[1].clone()].iter().map(|s| s.0).min();
+        assert!(last_end < next_start, "waves overlap: {spans:?}");
+    }
+
+    let second = ansible.rollout(&fleet, |_| images.vars("first"));
+    assert!(second.success, "the rerun failed:\n{}", second.stdout);
+    assert_eq!(second.recap.len(), FLEET, "{}", second.stdout);
+    for node in &fleet {
+        assert_eq!(second.count(&node.name, "changed"), 0, "{}", node.name);
+        assert_eq!(second.count(&node.name, "failed"), 0, "{}", node.name);
+        assert_eq!(node.reimages().len(), 1, "{} reimaged again", node.name);
+    }
+
+    let third = ansible.rollout(&fleet, |index| {
+        images.vars(if COLLIDING.contains(&index) {
+            "colliding"
+        } else {
+            "second"
+        })
+    });
+    assert!(
+        !third.success,
+        "3 of 10 failed in wave 2:\n{}",
+        third.stdout
+    );
+    assert!(
+        third.stdout.contains("SavedPartitionCollision"),
+        "the agent's code is shown:\n{}",
+        third.stdout
+    );
+    for (index, node) in fleet.iter().enumerate() {
+        let reimages = node.reimages();
+        if WAVES[2].contains(&index) {
+            assert!(
+                !third.recap.contains_key(&node.name),
+                "{} is in the recap of a play that ended after wave 2",
+                node.name
+            );
+            assert_eq!(reimages.len(), 1, "{}: wave 3 was started", node.name);
+            assert_eq!(node.image_sha(), images.sha("first"), "{}", node.name);
+        } else if COLLIDING.contains(&index) {
+            assert_eq!(third.count(&node.name, "failed"), 1, "{}", node.name);
+            let last = reimages.last().expect("an operation");
+            assert_eq!(last["status"], "Failed", "{}", node.name);
+            assert_eq!(last["error"]["code"], "SavedPartitionCollision");
+        } else {
+            assert_eq!(third.count(&node.name, "changed"), 1, "{}", node.name);
+            assert_eq!(third.count(&node.name, "failed"), 0, "{}", node.name);
+            assert_eq!(node.image_sha(), images.sha("second"), "{}", node.name);
+        }
+        node.assert_storage_intact();
+    }
+    eprintln!(
+        "rollout {:.1} s, rerun {:.1} s, stopped rollout {:.1} s",
+        first.seconds, second.seconds, third.seconds
+    );
+}
+
+/// Every module once against one agent, each result written to
+/// `results.json` (name → what the module returned) for the test to read.
+const MODULES_PLAYBOOK: &str = r#"
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+    results: {}
+  module_defaults:
+    group/reimage.agent.api:
+      agent_url: "{{ agent_url }}"
+  tasks:
+    - {name: add, reimage.agent.task: {id: greet, command_line: echo hello, retention_time: PT1H}, register: add}
+    - {name: add again, reimage.agent.task: {id: greet, command_line: echo hello}, register: add_again}
+    - {name: add another, reimage.agent.task: {id: greet, command_line: echo bye}, register: add_other, ignore_errors: true}
+    - {name: delete, reimage.agent.task: {id: greet, state: absent}, register: delete}
+    - {name: delete again, reimage.agent.task: {id: greet, state: absent}, register: delete_again}
+    - {name: disable, reimage.agent.scheduling: {state: disabled, option: taskcompletion}, register: disable}
+    - {name: disable again, reimage.agent.scheduling: {state: disabled}, register: disable_again}
+    - {name: enable, reimage.agent.scheduling: {state: enabled}, register: enable}
+    - {name: enable again, reimage.agent.scheduling: {state: enabled}, register: enable_again}
+    - {name: reimage in check mode, reimage.agent.reimage: {manifest_url: "{{ manifest_url }}"}, check_mode: true, register: check}
+    - {name: reimage a wrong hash, reimage.agent.reimage: {image_url: "{{ image_url }}", image_sha256: "{{ '0' * 64 }}", poll_interval: 0.1}, register: wrong_hash, ignore_errors: true}
+    - {name: reimage, reimage.agent.reimage: {manifest_url: "{{ manifest_url }}", option: terminate, poll_interval: 0.1}, register: reimage}
+    - {name: reimage again, reimage.agent.reimage: {manifest_url: "{{ manifest_url }}"}, register: reimage_again}
+    - {name: info, reimage.agent.node_info: {operations: true, tasks: true}, register: info}
+    - {name: info with a bad token, reimage.agent.node_info: {token: not-a-token}, register: bad_token, ignore_errors: true}
+    - name: write the results
+      ansible.builtin.copy:
+        dest: "{{ playbook_dir }}/results.json"
+        content: >-
+          {{ {'add': add, 'add_again': add_again, 'add_other': add_other, 'delete': delete,
+              'delete_again': delete_again, 'disable': disable, 'disable_again': disable_again,
+              'enable': enable, 'enable_again': enable_again, 'check': check, 'wrong_hash': wrong_hash,
+              'reimage': reimage, 'reimage_again': reimage_again, 'info': info,
+              'bad_token': bad_token} | to_json }}
+"#;
+
+#[test]
+fn each_module_is_idempotent_supports_check_mode_and_fails_with_the_agents_code() {
+    let test = "each_module_is_idempotent_supports_check_mode_and_fails_with_the_agents_code";
+    let venv = match venv() {
+        Ok(venv) => venv,
+        Err(reason) => return skip(test, &reason),
+    };
+    let raw = os_image(8, 1, 21);
+    let image_sha = sha256(&raw);
+    let server = FaultServer::start(
+        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
+        Fault::None,
+    );
+    let manifest = json!({
+        "name": "os.img.zst",
+        "url": server.url("/os.img.zst"),
+        "format": "zstd",
+        "size": raw.len(),
+        "sha256": image_sha,
+    });
+    server.replace_file(
+        "/os.img.zst.manifest.json",
+        Arc::new(manifest.to_string().into_bytes()),
+    );
+    let node = Node::start(0);
+    let ansible = Ansible::new(venv);
+    let playbook = ansible.dir.path().join("modules.yml");
+    fs::write(&playbook, MODULES_PLAYBOOK).expect("write playbook");
+    let output = run(ansible
+        .command("ansible-playbook")
+        .arg("-i")
+        .arg("localhost,")
+        .arg(&playbook)
+        .arg("-e")
+        .arg(
+            json!({
+                "agent_url": node.daemon.url,
+                "image_url": server.url("/os.img.zst"),
+                "manifest_url": server.url("/os.img.zst.manifest.json"),
+            })
+            .to_string(),
+        ));
+    assert!(output.status.success(), "the playbook failed");
+    let text = fs::read_to_string(ansible.dir.path().join("results.json")).expect("results");
+    let results: Value = serde_json::from_str(&text).expect("results are JSON");
+    let changed = |name: &str| {
+        assert_ne!(results[name]["failed"], true, "{name}: {}", results[name]);
+        results[name]["changed"] == true
+    };
+    let code = |name: &str| {
+        assert_eq!(results[name]["failed"], true, "{name}: {}", results[name]);
+        results[name]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    assert!(changed("add"));
+    assert_eq!(results["add"]["task"]["id"], "greet");
+    assert!(!changed("add_again"), "the task exists");
+    assert_eq!(code("add_other"), "TaskExists", "a task cannot change");
+    assert!(changed("delete"));
+    assert!(!changed("delete_again"), "the task is gone");
+
+    assert!(changed("disable"));
+    assert_eq!(results["disable"]["scheduling_state"], "disabled");
+    assert!(!changed("disable_again"));
+    assert!(changed("enable"));
+    assert_eq!(results["enable"]["scheduling_state"], "enabled");
+    assert!(!changed("enable_again"));
+
+    assert!(
+        changed("check"),
+        "check mode says the node would be reimaged"
+    );
+    assert_eq!(results["check"]["image_sha256"], image_sha.as_str());
+    assert!(
+        results["check"]["operation"].is_null(),
+        "{}",
+        results["check"]
+    );
+    assert_eq!(code("wrong_hash"), "ImageChecksumMismatch");
+    assert!(
+        results["wrong_hash"]["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("ImageChecksumMismatch")),
+        "{}",
+        results["wrong_hash"]
+    );
+    assert!(changed("reimage"));
+    assert_eq!(results["reimage"]["operation"]["status"], "Succeeded");
+    assert_eq!(
+        results["reimage"]["operation"]["nodeReimageOption"],
+        "terminate"
+    );
+    assert_eq!(
+        results["reimage"]["node"]["image"]["sha256"],
+        image_sha.as_str()
+    );
+    assert!(
+        !changed("reimage_again"),
+        "the node runs the manifest's image"
+    );
+
+    assert!(!changed("info"));
+    assert_eq!(
+        results["info"]["node"]["image"]["sha256"],
+        image_sha.as_str()
+    );
+    assert_eq!(results["info"]["tasks"], json!([]));
+    assert_eq!(code("bad_token"), "AuthenticationFailed");
+
+    // The agent's own record: the failed and the successful reimage, and
+    // nothing from check mode or the rerun.
+    let statuses: Vec<Value> = node
+        .reimages()
+        .iter()
+        .map(|op| op["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!("Failed"), json!("Succeeded")]);
+    assert_eq!(
+        results["info"]["operations"].as_array().map(Vec::len),
+        Some(2)
+    );
+    node.assert_storage_intact();
+}
