@@ -2,8 +2,8 @@
 //! PyPI in the venv `ansible/venv.sh` makes (cached), the example playbook
 //! `ansible/playbooks/rollout.yml` rolling 20 real agents on 127.0.0.1 in
 //! waves (`serial: [1, "50%", "100%"]`), a rerun that changes nothing, a
-//! rollout that stops at `max_fail_percentage`, and each module against
-//! one agent. Without python3 and its venv module the tests say
+//! rollout that stops at `max_fail_percentage`, and `ansible-test sanity`
+//! on the collection. Without python3 and its venv module the tests say
 //! `skipping <test>: <reason>`.
 
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
@@ -31,6 +31,10 @@ fn repo() -> PathBuf {
         .parent()
         .expect("the workspace holds tests/")
         .to_path_buf()
+}
+
+fn collection() -> PathBuf {
+    repo().join("ansible/collections/ansible_collections/reimage/agent")
 }
 
 fn skip(test: &str, reason: &str) {
@@ -378,6 +382,125 @@ fn the_rollout_playbook_reimages_in_waves_changes_nothing_twice_and_stops_at_max
     eprintln!(
         "rollout {:.1} s, rerun {:.1} s, stopped rollout {:.1} s",
         first.seconds, second.seconds, third.seconds
+    );
+}
+
+/// Sanity tests that need a virtualenv of their own with packages from
+/// PyPI: ansible-test bootstraps pip into it with a script it downloads
+/// from Ansible's CI file server, which is outside the package registries
+/// this project's machines reach. `ansible-doc` is covered below with the
+/// venv's own `ansible-doc`, `import` by the playbook test.
+const NEEDS_DOWNLOADS: [&str; 7] = [
+    "ansible-doc",
+    "import",
+    "pep8",
+    "pylint",
+    "runtime-metadata",
+    "validate-modules",
+    "yamllint",
+];
+
+/// The collection's modules, as `ansible-doc` names them.
+fn modules() -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(collection().join("plugins/modules"))
+        .expect("plugins/modules")
+        .filter_map(|entry| {
+            let name = entry.expect("dir entry").file_name();
+            let stem = name.to_str()?.strip_suffix(".py")?.to_string();
+            Some(format!("reimage.agent.{stem}"))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Copies the collection's files (not what Python or a test run left:
+/// `__pycache__`, `tests/output`) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for entry in fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let left_behind = entry.file_name() == "__pycache__"
+            || (entry.file_name() == "output" && from.ends_with("tests"));
+        if left_behind {
+            continue;
+        }
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&source, &target);
+        } else {
+            fs::copy(&source, &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn ansible_test_sanity_passes_for_the_collection() {
+    let test = "ansible_test_sanity_passes_for_the_collection";
+    let venv = match venv() {
+        Ok(venv) => venv,
+        Err(reason) => return skip(test, &reason),
+    };
+    for skipped in NEEDS_DOWNLOADS {
+        skip(
+            &format!("{test}: {skipped}"),
+            "ansible-test downloads a pip bootstrap script for its venv from outside the package registries",
+        );
+    }
+    let ansible = Ansible::new(venv.clone());
+    // ansible-test wants the collection under ansible_collections/NS/NAME
+    // and writes tests/output there: a copy outside the repository also
+    // makes it see uncommitted files as they are.
+    let root = ansible.dir.path().join("ansible_collections/reimage/agent");
+    copy_tree(&collection(), &root);
+    let version = run(Command::new(venv.join("bin/python"))
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"]));
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut sanity = ansible.command("ansible-test");
+    sanity
+        .current_dir(&root)
+        .env("PATH", path)
+        .args(["sanity", "--local", "--python", &version, "--color", "no"]);
+    for skipped in NEEDS_DOWNLOADS {
+        sanity.args(["--skip-test", skipped]);
+    }
+    let started = Instant::now();
+    let output = run(&mut sanity);
+    assert!(output.status.success(), "ansible-test sanity failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    for ran in ["compile", "no-assert", "shebang", "use-argspec-type-path"] {
+        assert!(
+            text.contains(&format!("Running sanity test \"{ran}\"")),
+            "{ran} did not run:\n{text}"
+        );
+    }
+
+    let modules = modules();
+    assert_eq!(
+        modules,
+        [
+            "reimage.agent.node_info",
+            "reimage.agent.reimage",
+            "reimage.agent.scheduling",
+            "reimage.agent.task"
+        ]
+    );
+    for module in &modules {
+        let output = run(ansible.command("ansible-doc").arg(module));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && !stderr.contains("WARNING"),
+            "{module}'s documentation does not render"
+        );
+    }
+    eprintln!(
+        "sanity and ansible-doc in {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }
 
