@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Agents in the fleet; with `serial: [1, "50%", "100%"]` the waves are
 /// hosts 1, 2–11 and 12–20.
@@ -239,6 +239,24 @@ impl Ansible {
             stdout,
             seconds: started.elapsed().as_secs_f64(),
         }
+    }
+}
+
+impl Ansible {
+    /// Runs `playbook` on localhost with the extra variables `vars`, and
+    /// returns the `results.json` it writes next to itself.
+    fn play(&self, playbook: &str, vars: Value) -> Value {
+        let path = self.dir.path().join("play.yml");
+        fs::write(&path, playbook).expect("write playbook");
+        let output = run(self
+            .command("ansible-playbook")
+            .args(["-i", "localhost,"])
+            .arg(&path)
+            .arg("-e")
+            .arg(vars.to_string()));
+        assert!(output.status.success(), "the playbook failed");
+        let text = fs::read_to_string(self.dir.path().join("results.json")).expect("results");
+        serde_json::from_str(&text).expect("results are JSON")
     }
 }
 
@@ -568,26 +586,14 @@ fn each_module_is_idempotent_supports_check_mode_and_fails_with_the_agents_code(
         Arc::new(manifest.to_string().into_bytes()),
     );
     let node = Node::start(0);
-    let ansible = Ansible::new(venv);
-    let playbook = ansible.dir.path().join("modules.yml");
-    fs::write(&playbook, MODULES_PLAYBOOK).expect("write playbook");
-    let output = run(ansible
-        .command("ansible-playbook")
-        .arg("-i")
-        .arg("localhost,")
-        .arg(&playbook)
-        .arg("-e")
-        .arg(
-            json!({
-                "agent_url": node.daemon.url,
-                "image_url": server.url("/os.img.zst"),
-                "manifest_url": server.url("/os.img.zst.manifest.json"),
-            })
-            .to_string(),
-        ));
-    assert!(output.status.success(), "the playbook failed");
-    let text = fs::read_to_string(ansible.dir.path().join("results.json")).expect("results");
-    let results: Value = serde_json::from_str(&text).expect("results are JSON");
+    let results = Ansible::new(venv).play(
+        MODULES_PLAYBOOK,
+        json!({
+            "agent_url": node.daemon.url,
+            "image_url": server.url("/os.img.zst"),
+            "manifest_url": server.url("/os.img.zst.manifest.json"),
+        }),
+    );
     let changed = |name: &str| {
         assert_ne!(results[name]["failed"], true, "{name}: {}", results[name]);
         results[name]["changed"] == true
@@ -668,4 +674,100 @@ fn each_module_is_idempotent_supports_check_mode_and_fails_with_the_agents_code(
         Some(2)
     );
     node.assert_storage_intact();
+}
+
+/// A reimage of the image already in flight (started by a run that was cut
+/// off, or by hand), followed by the module.
+const ADOPT_PLAYBOOK: &str = r#"
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+  tasks:
+    - name: reimage
+      reimage.agent.reimage:
+        agent_url: "{{ agent_url }}"
+        image_url: "{{ image_url }}"
+        image_sha256: "{{ image_sha256 }}"
+        poll_interval: 0.1
+      register: reimage
+    - name: write the results
+      ansible.builtin.copy:
+        dest: "{{ playbook_dir }}/results.json"
+        content: "{{ {'reimage': reimage} | to_json }}"
+"#;
+
+#[test]
+fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
+    let test = "a_reimage_of_the_image_in_flight_is_followed_not_requested_again";
+    let venv = match venv() {
+        Ok(venv) => venv,
+        Err(reason) => return skip(test, &reason),
+    };
+    let raw = os_image(8, 1, 31);
+    let image_sha = sha256(&raw);
+    // The download stalls after 1 MiB until the test ends the stall, so
+    // the operation is in flight when the module looks at the node.
+    let server = FaultServer::start(
+        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
+        Fault::StallOnce {
+            after: 1 << 20,
+            for_: Duration::from_secs(120),
+        },
+    );
+    let node = Node::start(0);
+    let image = json!({"url": server.url("/os.img.zst"), "sha256": image_sha});
+    let (status, started) = node
+        .daemon
+        .post("/v1/node/reimage", ADMIN, json!({"image": image}));
+    assert_eq!(status, 202, "{started}");
+
+    let ansible = Ansible::new(venv);
+    let results = std::thread::scope(|scope| {
+        let play = scope.spawn(|| {
+            ansible.play(
+                ADOPT_PLAYBOOK,
+                json!({
+                    "agent_url": node.daemon.url,
+                    "image_url": server.url("/os.img.zst"),
+                    "image_sha256": image_sha,
+                }),
+            )
+        });
+        // The module follows an operation by polling it; only then may the
+        // download go on.
+        let polled = "reimage_api_requests_total{method=\"GET\",route=\"/v1/operations/{id}\"";
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !metrics(&node).contains(polled) {
+            assert!(
+                !play.is_finished(),
+                "the play ended without polling the operation"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the module never polled the operation"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server.end_stall();
+        play.join().expect("the play thread")
+    });
+    let reimage = &results["reimage"];
+    assert_eq!(reimage["adopted"], true, "{reimage}");
+    assert_eq!(reimage["changed"], true, "{reimage}");
+    assert_eq!(reimage["operation"]["id"], started["id"], "{reimage}");
+    assert_eq!(reimage["operation"]["status"], "Succeeded", "{reimage}");
+    assert_eq!(node.reimages().len(), 1, "no second reimage was requested");
+    assert_eq!(node.image_sha(), image_sha.as_str());
+    node.assert_storage_intact();
+}
+
+/// The agent's `/metrics` text.
+fn metrics(node: &Node) -> String {
+    node.daemon
+        .get("/metrics")
+        .as_str()
+        .expect("metrics are text")
+        .to_string()
 }
