@@ -6,9 +6,11 @@
 //! on the collection. Without python3 and its venv module the tests say
 //! `skipping <test>: <reason>`.
 
+use rcgen::ExtendedKeyUsagePurpose;
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::pki::{Ca, add_to_api_table, client, server_pki, tls_lines};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs;
@@ -770,4 +772,95 @@ fn metrics(node: &Node) -> String {
         .as_str()
         .expect("metrics are text")
         .to_string()
+}
+
+/// `node_info` against an HTTPS agent that requires a client certificate,
+/// with and without each TLS option.
+const TLS_PLAYBOOK: &str = r#"
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+  module_defaults:
+    group/reimage.agent.api:
+      agent_url: "{{ agent_url }}"
+  tasks:
+    - name: trusted
+      reimage.agent.node_info: {ca_path: "{{ ca }}", client_cert: "{{ cert }}", client_key: "{{ key }}"}
+      register: trusted
+    - name: no client certificate
+      reimage.agent.node_info: {ca_path: "{{ ca }}"}
+      register: no_client_cert
+      ignore_errors: true
+    - name: an unknown CA
+      reimage.agent.node_info: {client_cert: "{{ cert }}", client_key: "{{ key }}"}
+      register: unknown_ca
+      ignore_errors: true
+    - name: not validated
+      reimage.agent.node_info: {validate_certs: false, client_cert: "{{ cert }}", client_key: "{{ key }}"}
+      register: not_validated
+    - name: write the results
+      ansible.builtin.copy:
+        dest: "{{ playbook_dir }}/results.json"
+        content: >-
+          {{ {'trusted': trusted, 'no_client_cert': no_client_cert, 'unknown_ca': unknown_ca,
+              'not_validated': not_validated} | to_json }}
+"#;
+
+#[test]
+fn the_modules_reach_an_https_agent_with_its_ca_file_and_a_client_certificate() {
+    let test = "the_modules_reach_an_https_agent_with_its_ca_file_and_a_client_certificate";
+    let venv = match venv() {
+        Ok(venv) => venv,
+        Err(reason) => return skip(test, &reason),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    target_disk(&dir.path().join("disk.img"), 32, 8, 41);
+    let pki = server_pki(dir.path());
+    let client_ca = Ca::new("reimage test client CA");
+    let client_ca_path = dir.path().join("clients.pem");
+    fs::write(&client_ca_path, client_ca.pem()).expect("write client CA");
+    let config = write_config(dir.path(), "");
+    add_to_api_table(
+        &config,
+        &format!(
+            "{}\nclient_ca = \"{}\"",
+            tls_lines(&pki),
+            client_ca_path.display()
+        ),
+    );
+    let controller = client_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth);
+    let daemon = Daemon::start_with(
+        &config,
+        "https",
+        client(&pki.server_ca.pem(), Some(&controller)),
+    );
+    let files = [
+        ("ca", pki.server_ca.pem()),
+        ("cert", controller.cert),
+        ("key", controller.key),
+    ];
+    let mut vars = json!({"agent_url": daemon.url});
+    for (name, pem) in files {
+        let path = dir.path().join(format!("{name}.pem"));
+        fs::write(&path, pem).expect("write PEM");
+        vars[name] = Value::from(path.to_str().expect("utf-8 path"));
+    }
+
+    let results = Ansible::new(venv).play(TLS_PLAYBOOK, vars);
+    for name in ["trusted", "not_validated"] {
+        assert_ne!(results[name]["failed"], true, "{name}: {}", results[name]);
+        assert_eq!(results[name]["node"]["id"], "node-1", "{name}");
+    }
+    // OpenSSL's reasons, as Python's ssl module passes them on.
+    for (name, reason) in [
+        ("no_client_cert", "CERTIFICATE_REQUIRED"),
+        ("unknown_ca", "CERTIFICATE_VERIFY_FAILED"),
+    ] {
+        assert_eq!(results[name]["failed"], true, "{name}: {}", results[name]);
+        assert_eq!(results[name]["code"], "ConnectionFailed", "{name}");
+        let msg = results[name]["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains(reason), "{name}: {msg}");
+    }
 }
