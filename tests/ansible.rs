@@ -409,7 +409,9 @@ fn the_rollout_playbook_reimages_in_waves_changes_nothing_twice_and_stops_at_max
 /// PyPI: ansible-test bootstraps pip into it with a script it downloads
 /// from Ansible's CI file server, which is outside the package registries
 /// this project's machines reach. `ansible-doc` is covered below with the
-/// venv's own `ansible-doc`, `import` by the playbook test.
+/// venv's own `ansible-doc`, `import` by the playbook test, and the heart
+/// of `validate-modules` (the documented options are the argument spec) by
+/// `assert_documented_as_specified`.
 const NEEDS_DOWNLOADS: [&str; 7] = [
     "ansible-doc",
     "import",
@@ -450,6 +452,89 @@ fn copy_tree(from: &Path, to: &Path) {
             copy_tree(&source, &target);
         } else {
             fs::copy(&source, &target).expect("copy");
+        }
+    }
+}
+
+/// Prints the argument spec of each module named after the collections
+/// path, as JSON by module: `main()` runs until it builds its
+/// `AnsibleModule`, which stops it.
+const ARGUMENT_SPECS_PY: &str = r#"
+import importlib, json, sys
+from ansible.module_utils import basic
+from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder
+
+_AnsibleCollectionFinder(paths=[sys.argv[1]])._install()
+
+
+class Captured(Exception):
+    pass
+
+
+def capture(self, argument_spec, **kwargs):
+    raise Captured(argument_spec)
+
+
+basic.AnsibleModule.__init__ = capture
+specs = {}
+for name in sys.argv[2:]:
+    collection, _, short = name.rpartition('.')
+    module = importlib.import_module('ansible_collections.%s.plugins.modules.%s' % (collection, short))
+    try:
+        module.main()
+    except Captured as captured:
+        specs[name] = captured.args[0]
+print(json.dumps(specs, default=repr))
+"#;
+
+/// What validate-modules checks first, which cannot run here: every
+/// module documents exactly the options of its argument spec, with the
+/// same type, default, choices, aliases and whether it is required.
+fn assert_documented_as_specified(ansible: &Ansible, modules: &[String]) {
+    let collections = repo().join("ansible/collections");
+    let output = run(Command::new(ansible.venv.join("bin/python"))
+        .args(["-c", ARGUMENT_SPECS_PY])
+        .arg(&collections)
+        .args(modules));
+    assert!(output.status.success(), "the argument specs cannot be read");
+    let specs: Value = serde_json::from_slice(&output.stdout).expect("specs are JSON");
+    let output = run(ansible.command("ansible-doc").arg("--json").args(modules));
+    assert!(output.status.success(), "ansible-doc --json failed");
+    let docs: Value = serde_json::from_slice(&output.stdout).expect("docs are JSON");
+    // 30 and 30.0 are one default.
+    let same = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    };
+    for module in modules {
+        let spec = specs[module].as_object().expect("an argument spec");
+        let documented = docs[module]["doc"]["options"]
+            .as_object()
+            .expect("documented options");
+        let mut spec_names: Vec<&String> = spec.keys().collect();
+        let mut doc_names: Vec<&String> = documented.keys().collect();
+        spec_names.sort();
+        doc_names.sort();
+        assert_eq!(spec_names, doc_names, "{module}: options");
+        for (name, option) in spec {
+            let doc = &documented[name];
+            let required = |v: &Value| v["required"].as_bool().unwrap_or(false);
+            assert_eq!(option["type"], doc["type"], "{module} {name}: type");
+            assert!(
+                same(&option["default"], &doc["default"]),
+                "{module} {name}: default {} documented as {}",
+                option["default"],
+                doc["default"]
+            );
+            assert_eq!(
+                option["choices"], doc["choices"],
+                "{module} {name}: choices"
+            );
+            assert_eq!(
+                option["aliases"], doc["aliases"],
+                "{module} {name}: aliases"
+            );
+            assert_eq!(required(option), required(doc), "{module} {name}: required");
         }
     }
 }
@@ -510,6 +595,7 @@ fn ansible_test_sanity_passes_for_the_collection() {
             "reimage.agent.task"
         ]
     );
+    assert_documented_as_specified(&ansible, &modules);
     for module in &modules {
         let output = run(ansible.command("ansible-doc").arg(module));
         let stderr = String::from_utf8_lossy(&output.stderr);
