@@ -51,7 +51,7 @@ class AgentError(Exception):
     @property
     def unreachable(self):
         """No HTTP answer came at all (the node may be rebooting)."""
-        return self.status is None
+        return self.code == 'ConnectionFailed'
 
 
 class AgentClient:

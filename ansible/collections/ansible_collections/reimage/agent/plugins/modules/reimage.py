@@ -13,7 +13,7 @@ description:
     O(manifest_url)) and the node reports that it already runs it; then nothing is requested and the
     result is not changed.
   - A reimage of the target image already in flight on the node (an earlier run that was cut off) is
-    followed instead of requesting a second one.
+    followed instead of requesting a second one; without a known target image, any reimage in flight is.
   - Fails with the agent's error code and message when the agent refuses the request or the operation fails.
 author: reimage-agent maintainers
 extends_documentation_fragment:
