@@ -765,7 +765,7 @@ fn each_module_is_idempotent_supports_check_mode_and_fails_with_the_agents_code(
 }
 
 /// A reimage of the image already in flight (started by a run that was cut
-/// off, or by hand), followed by the module.
+/// off, or by hand), followed by the module for at most `wait_timeout` s.
 const ADOPT_PLAYBOOK: &str = r#"
 - hosts: localhost
   connection: local
@@ -778,8 +778,10 @@ const ADOPT_PLAYBOOK: &str = r#"
         agent_url: "{{ agent_url }}"
         image_url: "{{ image_url }}"
         image_sha256: "{{ image_sha256 }}"
+        wait_timeout: "{{ wait_timeout }}"
         poll_interval: 0.1
       register: reimage
+      ignore_errors: true
     - name: write the results
       ansible.builtin.copy:
         dest: "{{ playbook_dir }}/results.json"
@@ -787,8 +789,8 @@ const ADOPT_PLAYBOOK: &str = r#"
 "#;
 
 #[test]
-fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
-    let test = "a_reimage_of_the_image_in_flight_is_followed_not_requested_again";
+fn a_reimage_in_flight_is_followed_not_requested_again_and_a_deadline_fails_timeout() {
+    let test = "a_reimage_in_flight_is_followed_not_requested_again_and_a_deadline_fails_timeout";
     let venv = match venv() {
         Ok(venv) => venv,
         Err(reason) => return skip(test, &reason),
@@ -796,7 +798,7 @@ fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
     let raw = os_image(8, 1, 31);
     let image_sha = sha256(&raw);
     // The download stalls after 1 MiB until the test ends the stall, so
-    // the operation is in flight when the module looks at the node.
+    // the operation is in flight while the module looks at it.
     let server = FaultServer::start(
         vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
         Fault::StallOnce {
@@ -810,24 +812,31 @@ fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
         .daemon
         .post("/v1/node/reimage", ADMIN, json!({"image": image}));
     assert_eq!(status, 202, "{started}");
-
     let ansible = Ansible::new(venv);
+    let vars = |wait_timeout: u64| {
+        json!({
+            "agent_url": node.daemon.url,
+            "image_url": server.url("/os.img.zst"),
+            "image_sha256": image_sha,
+            "wait_timeout": wait_timeout,
+        })
+    };
+
+    let results = ansible.play(ADOPT_PLAYBOOK, vars(1));
+    let reimage = &results["reimage"];
+    assert_eq!(reimage["failed"], true, "{reimage}");
+    assert_eq!(reimage["code"], "Timeout", "{reimage}");
+    assert_eq!(reimage["adopted"], true, "{reimage}");
+    assert_eq!(reimage["operation"]["id"], started["id"], "{reimage}");
+    assert_eq!(reimage["operation"]["status"], "InProgress", "{reimage}");
+
+    let polls_before = operation_polls(&node);
     let results = std::thread::scope(|scope| {
-        let play = scope.spawn(|| {
-            ansible.play(
-                ADOPT_PLAYBOOK,
-                json!({
-                    "agent_url": node.daemon.url,
-                    "image_url": server.url("/os.img.zst"),
-                    "image_sha256": image_sha,
-                }),
-            )
-        });
-        // The module follows an operation by polling it; only then may the
+        let play = scope.spawn(|| ansible.play(ADOPT_PLAYBOOK, vars(120)));
+        // Only once this run's module polls the operation may the
         // download go on.
-        let polled = "reimage_api_requests_total{method=\"GET\",route=\"/v1/operations/{id}\"";
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !metrics(&node).contains(polled) {
+        while operation_polls(&node) == polls_before {
             assert!(
                 !play.is_finished(),
                 "the play ended without polling the operation"
@@ -842,6 +851,7 @@ fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
         play.join().expect("the play thread")
     });
     let reimage = &results["reimage"];
+    assert_ne!(reimage["failed"], true, "{reimage}");
     assert_eq!(reimage["adopted"], true, "{reimage}");
     assert_eq!(reimage["changed"], true, "{reimage}");
     assert_eq!(reimage["operation"]["id"], started["id"], "{reimage}");
@@ -851,13 +861,18 @@ fn a_reimage_of_the_image_in_flight_is_followed_not_requested_again() {
     node.assert_storage_intact();
 }
 
-/// The agent's `/metrics` text.
-fn metrics(node: &Node) -> String {
-    node.daemon
-        .get("/metrics")
+/// How many times the agent answered `GET /v1/operations/{id}`, from its
+/// `/metrics` (the test itself never asks that route).
+fn operation_polls(node: &Node) -> u64 {
+    let metrics = node.daemon.get("/metrics");
+    let prefix =
+        r#"reimage_api_requests_total{method="GET",route="/v1/operations/{id}",status="200"} "#;
+    metrics
         .as_str()
         .expect("metrics are text")
-        .to_string()
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .map_or(0, |count| count.trim().parse().expect("a count"))
 }
 
 /// `node_info` against an HTTPS agent that requires a client certificate,
