@@ -829,6 +829,7 @@ fn a_reimage_in_flight_is_followed_not_requested_again_and_a_deadline_fails_time
     assert_eq!(reimage["adopted"], true, "{reimage}");
     assert_eq!(reimage["operation"]["id"], started["id"], "{reimage}");
     assert_eq!(reimage["operation"]["status"], "InProgress", "{reimage}");
+    assert_eq!(reimage["node"]["state"], "reimaging", "{reimage}");
 
     let polls_before = operation_polls(&node);
     let results = std::thread::scope(|scope| {

@@ -141,7 +141,7 @@ operation:
     image: {name: os-2026.11.img.zst, sha256: 5f0c5d2b6e0cc8a3d0bb5a0b7f7b8e2d4c7e6a1f9b3c2d1e0f9a8b7c6d5e4f3a}
 node:
   description: The node (C(GET /v1/node)) before the request, or after the operation succeeded.
-  returned: unless the agent could not be reached
+  returned: always, except when a request to the agent failed
   type: dict
   sample:
     id: node-17
@@ -212,9 +212,9 @@ def run(module, client):
     target = target_sha256(client, params)
     if target is not None:
         result['image_sha256'] = target
+    result['node'] = client.get('/v1/node')
     operation = reimage_in_flight(client, target)
     if operation is None:
-        result['node'] = client.get('/v1/node')
         if runs_image(result['node'], target) and not params['force']:
             result['msg'] = 'the node already runs image %s' % target
             return result
