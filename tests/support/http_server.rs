@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -53,7 +54,8 @@ pub enum Fault {
     /// Close the first connection whose body reaches this offset, once.
     DropOnceAt(u64),
     /// The first time a body reaches offset `after`, send nothing for `for_`
-    /// (or until the server is dropped), then go on sending.
+    /// (or until [`FaultServer::end_stall`], or the server is dropped), then
+    /// go on sending.
     StallOnce {
         /// Offset at which the stall starts.
         after: u64,
@@ -140,6 +142,7 @@ impl FaultServer {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             stopping: Mutex::new(false),
+            stall_ended: AtomicBool::new(false),
             wake: Condvar::new(),
             connections: Mutex::new(Vec::new()),
         });
@@ -173,6 +176,14 @@ impl FaultServer {
         let mut state = self.shared.state();
         state.fault = fault;
         state.fired = Fired::default();
+    }
+
+    /// Ends a [`Fault::StallOnce`] stall now, so a test can hold a download
+    /// until it has seen what it waits for, without guessing a duration.
+    pub fn end_stall(&self) {
+        let _stopping = lock(&self.shared.stopping);
+        self.shared.stall_ended.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
     }
 
     /// Replaces (or adds) a file; it gets a new `ETag` and `Last-Modified`.
@@ -218,6 +229,8 @@ struct Shared {
     state: Mutex<State>,
     /// Set when the server is dropped; `wake` tells stalled threads.
     stopping: Mutex<bool>,
+    /// Set by [`FaultServer::end_stall`]; `wake` tells stalled threads.
+    stall_ended: AtomicBool,
     wake: Condvar,
     /// Open connections, so that drop can cut them and wait for their threads.
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
@@ -232,12 +245,12 @@ impl Shared {
         *lock(&self.stopping)
     }
 
-    /// Waits for `duration` or until the server stops, whichever is first.
-    /// Returns whether the server is stopping.
+    /// Waits for `duration` or until the server stops or the stall is
+    /// ended, whichever is first. Returns whether the server is stopping.
     fn pause(&self, duration: Duration) -> bool {
         let deadline = Instant::now() + duration;
         let mut stopping = lock(&self.stopping);
-        while !*stopping {
+        while !*stopping && !self.stall_ended.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= deadline {
                 break;
