@@ -16,6 +16,7 @@ pub mod image;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;
+pub mod prefetch;
 pub mod progress;
 pub mod reboot;
 pub mod sandbox;
