@@ -155,3 +155,31 @@ impl Read for Capped {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_longer_than_its_allowance_is_refused() {
+        let mut within = Capped {
+            inner: Box::new(io::Cursor::new(vec![1u8; 100])),
+            left: 100,
+        };
+        let mut all = Vec::new();
+        within.read_to_end(&mut all).expect("fits exactly");
+        assert_eq!(all.len(), 100);
+
+        let mut beyond = Capped {
+            inner: Box::new(io::Cursor::new(vec![1u8; 101])),
+            left: 100,
+        };
+        let err = beyond
+            .read_to_end(&mut Vec::new())
+            .expect_err("one byte too many");
+        assert_eq!(
+            Error::from_io(err, "reading").code(),
+            reimage_protocol::ErrorCode::StagingSpaceInsufficient
+        );
+    }
+}
