@@ -106,6 +106,15 @@ impl Node {
             .collect()
     }
 
+    /// `/metrics` as text.
+    fn metrics(&self) -> String {
+        let (status, _, body) =
+            self.daemon
+                .request(Method::GET, "/metrics", Some(READER), None, &[]);
+        assert_eq!(status, 200, "{body}");
+        body.as_str().expect("text").to_string()
+    }
+
     fn images_dir(&self) -> PathBuf {
         self.dir.path().join("state/images")
     }
@@ -268,6 +277,13 @@ fn staged_images_are_listed_and_deleted_by_admins_only() {
     let op = node.prefetch(json!({"image": node.image("/os.img.zst", &node.image_sha)}));
     assert_eq!(node.daemon.wait_operation(&op)["status"], "Succeeded");
     assert_eq!(node.staged_shas(), vec![node.image_sha.clone()]);
+    let staged_bytes = node.staged()[0]["stagedBytes"].as_u64().expect("bytes");
+    let metrics = node.metrics();
+    assert!(metrics.contains("reimage_staged_images 1\n"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("reimage_staged_bytes {staged_bytes}\n")),
+        "{metrics}"
+    );
     let path = format!("/v1/images/{}", node.image_sha);
     let (status, _, body) = node
         .daemon
@@ -287,6 +303,7 @@ fn staged_images_are_listed_and_deleted_by_admins_only() {
     assert_eq!(status, 200, "{body}");
     assert!(node.staged().is_empty());
     assert!(files_ending(&node.images_dir(), ".staged").is_empty());
+    assert!(node.metrics().contains("reimage_staged_images 0\n"));
     let (status, _, body) = node
         .daemon
         .request(Method::DELETE, &path, Some(ADMIN), None, &[]);

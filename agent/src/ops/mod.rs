@@ -277,6 +277,13 @@ impl Agent {
         metrics
             .retained_bytes
             .set(to_gauge(self.tasks.retained_bytes()));
+        // A store that cannot be read shows no staged images; the API's
+        // GET /v1/images reports the failure.
+        let staged = self.staged.list().unwrap_or_default();
+        metrics.staged_images.set(to_gauge(staged.len() as u64));
+        metrics
+            .staged_bytes
+            .set(to_gauge(staged.iter().map(|i| i.staged_bytes).sum()));
     }
 
     /// Notes that operation `id` entered `phase` (`None`: it ended): the
