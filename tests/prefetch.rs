@@ -272,6 +272,33 @@ fn a_taskcompletion_reimage_stages_its_image_before_the_task_ends() {
 }
 
 #[test]
+fn a_retaineddata_reimage_stages_its_image_while_retention_runs_out() {
+    let node = node();
+    let body = json!({
+        "id": "kept",
+        "commandLine": "echo result > out.txt",
+        "constraints": {"retentionTime": "PT6S"},
+    });
+    let (status, body) = node.daemon.post("/v1/tasks", OPERATOR, body);
+    assert_eq!(status, 201, "task added: {body}");
+    node.wait_task("kept", "completed");
+    let op = node.reimage("retaineddata");
+    wait_until("the image staged while retention runs", || {
+        node.staged_shas().contains(&node.image_sha)
+    });
+    let waiting = node.daemon.get(&format!("/v1/operations/{op}"));
+    assert_eq!(
+        waiting["status"], "InProgress",
+        "staged before the wait ended"
+    );
+    let fetched = node.downloads("/os.img.zst");
+    let done = node.daemon.wait_operation(&op);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(node.downloads("/os.img.zst"), fetched, "no second download");
+    node.assert_storage_intact();
+}
+
+#[test]
 fn staged_images_are_listed_and_deleted_by_admins_only() {
     let node = node();
     let op = node.prefetch(json!({"image": node.image("/os.img.zst", &node.image_sha)}));
