@@ -465,3 +465,29 @@ fn a_reimage_by_the_prefetched_manifest_fetches_neither_manifest_nor_image() {
     assert_eq!(node.server.requests().len(), requests, "no request at all");
     node.assert_storage_intact();
 }
+
+#[test]
+fn a_reimage_during_a_prefetch_of_its_image_waits_for_it_instead_of_downloading_again() {
+    let node = node_with(
+        vec![("/os.img.zst", os_image(16, 1, 42))],
+        Fault::SlowBytesPerSec(4 << 20),
+        "",
+    );
+    let prefetch = node.prefetch(json!({"image": node.image("/os.img.zst", &node.image_sha)}));
+    wait_until("the prefetch downloading", || {
+        node.downloads("/os.img.zst") > 0
+    });
+    let reimage = node.reimage("requeue");
+    let done = node.daemon.wait_operation(&reimage);
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    let prefetched = node.daemon.wait_operation(&prefetch);
+    assert_eq!(prefetched["status"], "Succeeded", "{prefetched}");
+    assert_eq!(
+        node.downloads("/os.img.zst"),
+        1,
+        "one download for both: {:?}",
+        node.server.requests()
+    );
+    node.assert_storage_intact();
+    assert!(node.staged().is_empty(), "the copy was used and dropped");
+}
