@@ -502,3 +502,65 @@ fn each_reimage_option_through_reimagectl() {
         }
     }
 }
+
+#[test]
+fn prefetch_rolls_through_the_fleet_and_the_reimage_after_it_downloads_nothing() {
+    let image = Image::serve(None);
+    let agents = [Agent::start(), Agent::start(), Agent::start()];
+    let hosts = agents[0].dir.path().join("fleet.txt");
+    let text: String = agents
+        .iter()
+        .map(|agent| format!("{}\n", agent.daemon.url))
+        .collect();
+    std::fs::write(&hosts, text).expect("hosts file");
+    let hosts_arg = hosts.to_str().expect("utf-8 path");
+    let image_args = image.args();
+    let rollout = |action: &str| {
+        let mut args = vec![
+            "--hosts",
+            hosts_arg,
+            "--output",
+            "json",
+            action,
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "2",
+            "--wait",
+            "--timeout",
+            "60",
+        ];
+        args.extend(image_args.iter().map(String::as_str));
+        run(&mut reimagectl(&agents[0].token, &args))
+    };
+
+    let output = rollout("prefetch");
+    assert!(output.status.success(), "{}", stdout(&output));
+    let summary = json(&output);
+    assert_eq!(summary["action"], "prefetch", "{summary}");
+    assert_eq!(summary["succeeded"], 3, "{summary}");
+    assert!(summary.get("nodeReimageOption").is_none(), "{summary}");
+    for agent in &agents {
+        let staged = agent.daemon.get("/v1/images");
+        assert_eq!(
+            staged["value"][0]["sha256"],
+            image.sha256.as_str(),
+            "{staged}"
+        );
+        assert_eq!(agent.operations()[0]["kind"], "prefetch");
+    }
+
+    let again = rollout("prefetch");
+    assert!(again.status.success(), "{}", stdout(&again));
+    assert_eq!(json(&again)["current"], 3, "already staged everywhere");
+
+    let downloads = image.server.requests().len();
+    let output = rollout("reimage");
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert_eq!(json(&output)["succeeded"], 3);
+    assert_eq!(
+        image.server.requests().len(),
+        downloads,
+        "the reimages wrote the staged copies"
+    );
+}

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pattern;
 pub mod pipeline;
+pub mod prefetch;
 pub mod progress;
 pub mod reboot;
 pub mod sandbox;

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub tasks_by_state: IntGaugeVec,
     /// Bytes held by completed tasks' retained files.
     pub retained_bytes: IntGauge,
+    /// Images staged by prefetches, and the bytes they take as fetched.
+    pub staged_images: IntGauge,
+    pub staged_bytes: IntGauge,
 }
 
 /// The process-wide metrics.
@@ -181,6 +184,14 @@ impl Metrics {
             retained_bytes: gauge(
                 "reimage_retained_bytes",
                 "Bytes held by completed tasks' retained files.",
+            ),
+            staged_images: gauge(
+                "reimage_staged_images",
+                "Images prefetched into the staging area, waiting for a reimage.",
+            ),
+            staged_bytes: gauge(
+                "reimage_staged_bytes",
+                "Bytes the prefetched images take in the staging area, as fetched.",
             ),
             registry,
         }

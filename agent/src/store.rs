@@ -28,14 +28,17 @@ pub enum Table {
     Node,
     /// `client-request-id` → operation id, for idempotent retries.
     RequestIds,
+    /// Prefetched images, by the SHA-256 of the decoded image.
+    Images,
 }
 
 impl Table {
-    const ALL: [Table; 4] = [
+    const ALL: [Table; 5] = [
         Table::Operations,
         Table::Tasks,
         Table::Node,
         Table::RequestIds,
+        Table::Images,
     ];
 
     fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Table {
             Table::Tasks => "tasks",
             Table::Node => "node",
             Table::RequestIds => "request_ids",
+            Table::Images => "images",
         }
     }
 

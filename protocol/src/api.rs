@@ -208,6 +208,56 @@ pub struct ReimageRequest {
     pub manifest_url: Option<String>,
 }
 
+/// `POST /v1/images/prefetch`: the image to stage, as in a reimage request
+/// (empty: the configured image).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefetchRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
+    /// The image's manifest; not together with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(min_length = 1, max_length = 4096))]
+    pub manifest_url: Option<String>,
+}
+
+/// Where a staged image is kept.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StagingArea {
+    /// RAM (`/run`): gone with a reboot.
+    Memory,
+    /// The state directory's file system.
+    StateDir,
+}
+
+/// `GET /v1/images`: an image staged by a prefetch, verified, waiting for
+/// the reimage that writes it.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedImageInfo {
+    /// SHA-256 of the decoded image, as `DELETE /v1/images/{sha256}` takes it.
+    pub sha256: String,
+    pub name: String,
+    /// Size of the decoded image.
+    pub size: u64,
+    /// Bytes it takes where it is staged (as fetched, still encoded).
+    pub staged_bytes: u64,
+    pub area: StagingArea,
+    /// Where it was fetched from.
+    pub url: String,
+    /// The manifest it was prefetched by, if any: a reimage naming the same
+    /// manifest writes this copy without fetching the manifest again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_url: Option<String>,
+    pub staged_at: Timestamp,
+    /// The prefetch operation that staged it.
+    pub operation_id: String,
+}
+
 /// `POST /v1/node/reboot`.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +283,9 @@ pub struct DisableSchedulingRequest {
 pub enum OperationKind {
     Reimage,
     Reboot,
+    /// Downloading and verifying an image into the staging area, ahead
+    /// of the reimage that will write it; the node keeps working.
+    Prefetch,
 }
 
 impl OperationKind {
@@ -241,6 +294,7 @@ impl OperationKind {
         match self {
             OperationKind::Reimage => "reimage",
             OperationKind::Reboot => "reboot",
+            OperationKind::Prefetch => "prefetch",
         }
     }
 }
@@ -621,7 +675,11 @@ mod tests {
         for state in NodeState::ALL {
             assert_eq!(serde_json::to_value(state).expect("json"), state.as_str());
         }
-        for kind in [OperationKind::Reimage, OperationKind::Reboot] {
+        for kind in [
+            OperationKind::Reimage,
+            OperationKind::Reboot,
+            OperationKind::Prefetch,
+        ] {
             assert_eq!(serde_json::to_value(kind).expect("json"), kind.as_str());
         }
         for status in [

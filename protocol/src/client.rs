@@ -6,7 +6,8 @@
 
 use crate::api::{
     AddTaskRequest, DisableSchedulingOption, DisableSchedulingRequest, ErrorBody, List, Node,
-    NodeReimageOption, Operation, OperationStatus, RebootRequest, ReimageRequest, Task,
+    NodeReimageOption, Operation, OperationStatus, PrefetchRequest, RebootRequest, ReimageRequest,
+    StagedImageInfo, Task,
 };
 use crate::error_code::ErrorCode;
 use crate::request_id::new_request_id;
@@ -248,6 +249,17 @@ impl Client {
             node_reboot_option: option,
         };
         self.post("/v1/node/reboot", &request).await
+    }
+
+    /// `POST /v1/images/prefetch`: the accepted operation.
+    pub async fn prefetch(&self, request: &PrefetchRequest) -> Result<Operation, ClientError> {
+        self.post("/v1/images/prefetch", request).await
+    }
+
+    /// `GET /v1/images`: the images staged on the node.
+    pub async fn staged_images(&self) -> Result<Vec<StagedImageInfo>, ClientError> {
+        let list: List<StagedImageInfo> = self.get("/v1/images").await?;
+        Ok(list.value)
     }
 
     /// `GET /v1/operations/{id}`.

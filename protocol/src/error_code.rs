@@ -108,6 +108,8 @@ error_codes! {
     HandoffImageMismatch,
     /// The shutdown handoff's outcome file cannot be read.
     HandoffOutcomeUnreadable,
+    /// No staged image has this SHA-256.
+    StagedImageNotFound,
     // How operations end.
     /// The agent stopped in the middle of the operation.
     AgentRestarted,

@@ -88,8 +88,8 @@ pub fn role_for_token(tokens: &[Token], presented: &str) -> Option<Role> {
 }
 
 /// The role a request needs: reading needs `reader`; tasks and scheduling
-/// `operator`; reimage and reboot `admin` (the Batch routes as their v1
-/// twins). `None` for the open health check.
+/// `operator`; reimage, reboot and the staged images (prefetch, delete)
+/// `admin` (the Batch routes as their v1 twins). `None` for the open health check.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if path == "/healthz" {
         return None;
@@ -198,6 +198,18 @@ mod tests {
         assert_eq!(
             required_role(&Method::GET, "/pools/p/nodes/n"),
             Some(Role::Reader)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/v1/images/prefetch"),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            required_role(&Method::GET, "/v1/images"),
+            Some(Role::Reader)
+        );
+        assert_eq!(
+            required_role(&Method::DELETE, "/v1/images/ab"),
+            Some(Role::Admin)
         );
     }
 }

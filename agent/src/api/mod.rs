@@ -27,8 +27,8 @@ use body::{JsonBody, OptionalJsonBody};
 use error::ApiError;
 use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
-    AddTaskRequest, DisableSchedulingRequest, ErrorBody, List, Node, Operation, RebootRequest,
-    ReimageRequest, Task,
+    AddTaskRequest, DisableSchedulingRequest, ErrorBody, List, Node, Operation, PrefetchRequest,
+    RebootRequest, ReimageRequest, StagedImageInfo, Task,
 };
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
@@ -69,6 +69,9 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(add_task, list_tasks))
         .routes(routes!(get_task, delete_task))
         .routes(routes!(task_file))
+        .routes(routes!(prefetch))
+        .routes(routes!(staged_images))
+        .routes(routes!(delete_staged_image))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
         .routes(routes!(batch::list_nodes))
@@ -452,6 +455,55 @@ async fn task_file(
         axum::body::Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Downloads and verifies an image into the staging area while the node
+/// keeps working (its state, tasks and image are not changed): an
+/// operation of kind `prefetch`. A later reimage of the same image (same
+/// SHA-256, or the same manifest URL) writes the staged copy and
+/// downloads nothing. An empty body prefetches the configured image.
+#[utoipa::path(post, path = "/v1/images/prefetch", tag = "images",
+    params(("client-request-id" = Option<String>, Header, description = "retry key: the same value returns the same operation")),
+    request_body(content = Option<PrefetchRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted; follow the operation", body = Operation, headers(
+            ("request-id" = String, description = "the operation id"),
+            ("Location" = String, description = "/v1/operations/{id}"))),
+        (status = 400, description = "InvalidRequestBody, MissingImage, InvalidImageUrl, ImageUrlNotAllowed, ManifestUnsigned, StagingSpaceInsufficient (prefetching is off)", body = ErrorBody)))]
+async fn prefetch(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    OptionalJsonBody(request): OptionalJsonBody<PrefetchRequest>,
+) -> Result<Response, ApiError> {
+    let client_id = client_request_id(&headers)?;
+    let operation = state.agent.prefetch(request, client_id.as_deref()).await?;
+    Ok(accepted(operation))
+}
+
+/// The staged images: prefetched, verified, waiting for the reimage that
+/// writes them (oldest first).
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "the staged images", body = List<StagedImageInfo>)))]
+async fn staged_images(
+    State(state): State<ApiState>,
+) -> Result<Json<List<StagedImageInfo>>, ApiError> {
+    Ok(Json(List {
+        value: state.agent.staged_images()?,
+    }))
+}
+
+/// Deletes a staged image; a reimage of it downloads it again.
+#[utoipa::path(delete, path = "/v1/images/{sha256}", tag = "images",
+    params(("sha256" = String, Path, description = "the SHA-256 of the decoded image")),
+    responses(
+        (status = 200, description = "deleted"),
+        (status = 404, description = "StagedImageNotFound", body = ErrorBody)))]
+async fn delete_staged_image(
+    State(state): State<ApiState>,
+    Path(sha256): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.agent.delete_staged_image(&sha256)?;
+    Ok(StatusCode::OK)
 }
 
 /// Prometheus text: counters of operations (by kind, status and code),

@@ -36,8 +36,9 @@ pub const BEARER: &str = "bearer";
     tags(
         (name = "agent", description = "health, metrics and this description"),
         (name = "node", description = "the node: reimage, reboot, scheduling"),
-        (name = "operations", description = "reimage and reboot operations"),
+        (name = "operations", description = "reimage, reboot and prefetch operations"),
         (name = "tasks", description = "local tasks and their retained files"),
+        (name = "images", description = "images prefetched into the staging area"),
         (name = "seed", description = "Azure Batch and Cloud Services compatible routes"),
     )
 )]

@@ -79,6 +79,7 @@ pub(super) struct ImageFile {
     #[serde(default)]
     pub trusted_keys: Vec<String>,
     pub allow_local_files: Option<bool>,
+    pub prefetch_budget_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

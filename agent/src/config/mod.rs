@@ -97,8 +97,12 @@ impl DiskConfig {
     }
 }
 
+/// `[image] prefetch_budget_mib` when the file does not say: room for a
+/// couple of fleet images, compressed.
+pub const DEFAULT_PREFETCH_BUDGET: u64 = 4096 << 20;
+
 /// `[image]`: the default image, and which images are acceptable at all.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ImageConfig {
     /// Image a reimage writes when the request names none.
     pub url: Option<String>,
@@ -113,6 +117,23 @@ pub struct ImageConfig {
     /// Whether API requests may name `file://` images and manifests (off by
     /// default: a request must not make the agent read files of the node).
     pub allow_local_files: bool,
+    /// Bytes the prefetched (staged) images may take in all, as fetched;
+    /// making room evicts the least recently used. 0 turns prefetching off.
+    pub prefetch_budget: u64,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            url: None,
+            sha256: None,
+            manifest_url: None,
+            allowed_urls: AllowedUrls::default(),
+            trusted_keys: Vec::new(),
+            allow_local_files: false,
+            prefetch_budget: DEFAULT_PREFETCH_BUDGET,
+        }
+    }
 }
 
 /// `[tasks]`: where local tasks run and how long their data is kept.
@@ -230,6 +251,10 @@ impl Config {
                 allowed_urls: file.image.allowed_urls,
                 trusted_keys: file.image.trusted_keys,
                 allow_local_files: file.image.allow_local_files.unwrap_or(false),
+                prefetch_budget: file
+                    .image
+                    .prefetch_budget_mib
+                    .map_or(DEFAULT_PREFETCH_BUDGET, |mib| mib.saturating_mul(1 << 20)),
             },
             tasks: TasksSection {
                 work_dir: file

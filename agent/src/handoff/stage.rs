@@ -44,11 +44,7 @@ pub enum StagingChoice {
 }
 
 /// Where one image is staged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StagingArea {
-    Memory,
-    StateDir,
-}
+pub use reimage_protocol::api::StagingArea;
 
 /// Free room in each area, in bytes.
 #[derive(Debug, Clone, Copy)]

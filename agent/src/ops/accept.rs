@@ -34,7 +34,11 @@ impl Agent {
         if let Some(existing) = self.earlier_operation(replay.as_ref())? {
             return Ok(existing);
         }
-        let image = image_choice::choose(&self.config, &request)?;
+        let image = image_choice::choose(
+            &self.config,
+            request.image.as_ref(),
+            request.manifest_url.as_deref(),
+        )?;
         self.check_can_start()?;
         let record = OperationRecord::new(
             OperationKind::Reimage,
@@ -120,7 +124,7 @@ impl Agent {
     }
 
     /// The operation an earlier use of this request's retry key created.
-    fn earlier_operation(
+    pub(super) fn earlier_operation(
         &self,
         replay: Option<&Replayable<'_>>,
     ) -> Result<Option<Operation>, Refusal> {

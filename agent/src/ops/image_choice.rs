@@ -8,7 +8,7 @@ use crate::image::http::HttpOptions;
 use crate::image::source::Location;
 use crate::pipeline::ImageRequest;
 use reimage_protocol::ErrorCode;
-use reimage_protocol::api::ReimageRequest;
+use reimage_protocol::api::ImageSpec;
 
 /// Where the choice came from: a request's image is held to the API's
 /// rules (URLs only, local files only where allowed); the configured one
@@ -37,11 +37,16 @@ pub enum ImageSource {
     Manifest(String),
 }
 
-/// The image `request` asks for, or the configured one; refused when the
-/// request is contradictory, names nothing and nothing is configured, or
-/// names a location the configuration does not allow.
-pub fn choose(config: &Config, request: &ReimageRequest) -> Result<ImageChoice, Refusal> {
-    let choice = match (&request.image, &request.manifest_url) {
+/// The image a request (a reimage's or a prefetch's image fields) asks
+/// for, or the configured one; refused when the request is contradictory,
+/// names nothing and nothing is configured, or names a location the
+/// configuration does not allow.
+pub fn choose(
+    config: &Config,
+    image: Option<&ImageSpec>,
+    manifest_url: Option<&str>,
+) -> Result<ImageChoice, Refusal> {
+    let choice = match (image, manifest_url) {
         (Some(_), Some(_)) => {
             return Err(Refusal::invalid(
                 ErrorCode::InvalidRequestBody,
@@ -62,7 +67,7 @@ pub fn choose(config: &Config, request: &ReimageRequest) -> Result<ImageChoice, 
             }
         }
         (None, Some(manifest)) => ImageChoice {
-            what: ImageSource::Manifest(manifest.clone()),
+            what: ImageSource::Manifest(manifest.to_string()),
             origin: Origin::Request,
         },
         (None, None) => configured(config).ok_or_else(|| {
@@ -170,7 +175,15 @@ impl ImageChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reimage_protocol::api::ImageSpec;
+    use reimage_protocol::api::ReimageRequest;
+
+    fn choose(config: &Config, request: &ReimageRequest) -> Result<ImageChoice, Refusal> {
+        super::choose(
+            config,
+            request.image.as_ref(),
+            request.manifest_url.as_deref(),
+        )
+    }
 
     fn config(extra: &str) -> Config {
         let text = format!(

@@ -10,6 +10,7 @@
 
 mod accept;
 pub mod image_choice;
+mod prefetch;
 mod record;
 mod recover;
 mod refusal;
@@ -22,6 +23,7 @@ pub use refusal::{Refusal, RefusalKind};
 pub use reimage_protocol::new_request_id;
 
 use crate::config::Config;
+use crate::prefetch::StagedImages;
 use crate::store::{Store, Table};
 use crate::tasks::TaskManager;
 use jiff::Timestamp;
@@ -54,6 +56,8 @@ pub struct Agent {
     mutations: tokio::sync::Mutex<()>,
     /// Saved partitions found on the target at start, for `GET /v1/node`.
     disk: DiskInfo,
+    /// Images prefetched into the staging area.
+    staged: StagedImages,
 }
 
 struct State {
@@ -82,6 +86,11 @@ impl Agent {
             .collect();
         tasks.set_scheduling(node.scheduling == SchedulingState::Enabled);
         count_finished(operations.values());
+        let staged = StagedImages::open(
+            Arc::clone(&store),
+            &config.agent.state_dir,
+            config.image.prefetch_budget,
+        )?;
         let agent = Arc::new(Agent {
             config,
             store,
@@ -98,6 +107,7 @@ impl Agent {
             }),
             mutations: tokio::sync::Mutex::new(()),
             disk,
+            staged,
         });
         agent.recover()?;
         agent.watch_task_changes();
@@ -183,7 +193,8 @@ impl Agent {
             return match (record.operation.kind, record.operation.phase) {
                 (_, Some(Phase::Confirming)) => NodeState::Starting,
                 (OperationKind::Reboot, _) | (_, Some(Phase::Rebooting)) => NodeState::Rebooting,
-                (OperationKind::Reimage, _) => NodeState::Reimaging,
+                // A prefetch is never current: the node works on meanwhile.
+                (OperationKind::Reimage | OperationKind::Prefetch, _) => NodeState::Reimaging,
             };
         }
         if state.node.unusable {
@@ -266,6 +277,13 @@ impl Agent {
         metrics
             .retained_bytes
             .set(to_gauge(self.tasks.retained_bytes()));
+        // A store that cannot be read shows no staged images; the API's
+        // GET /v1/images reports the failure.
+        let staged = self.staged.list().unwrap_or_default();
+        metrics.staged_images.set(to_gauge(staged.len() as u64));
+        metrics
+            .staged_bytes
+            .set(to_gauge(staged.iter().map(|i| i.staged_bytes).sum()));
     }
 
     /// Notes that operation `id` entered `phase` (`None`: it ended): the

@@ -7,7 +7,7 @@ use super::Agent;
 use super::record::OperationRecord;
 use crate::handoff::{HandoffPlan, Outcome, OutcomeRecord, outcome, prepare, stage};
 use crate::reboot::RebootMethod;
-use reimage_protocol::api::{OperationProgress, OperationStatus};
+use reimage_protocol::api::{OperationKind, OperationProgress, OperationStatus};
 use reimage_protocol::{ErrorCode, Phase};
 use std::sync::Arc;
 
@@ -25,6 +25,16 @@ impl Agent {
             .collect();
         for record in unfinished {
             let id = record.operation.id.clone();
+            if record.operation.kind == OperationKind::Prefetch {
+                // Its partial download was removed when the staged images
+                // were opened; the node never depended on it.
+                self.fail_prefetch(
+                    &id,
+                    ErrorCode::AgentRestarted,
+                    "the agent stopped while prefetching; the partial download was removed, prefetch again",
+                )?;
+                continue;
+            }
             let rebooted = record.boot_id.as_deref() != Some(&self.boot_id);
             match record.operation.phase {
                 Some(Phase::Rebooting) | Some(Phase::Confirming) if record.handoff => {

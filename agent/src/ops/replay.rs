@@ -16,6 +16,7 @@ pub enum RequestKind {
     Reimage,
     Reboot,
     AddTask,
+    Prefetch,
 }
 
 impl RequestKind {
@@ -24,6 +25,7 @@ impl RequestKind {
             RequestKind::Reimage => "a reimage",
             RequestKind::Reboot => "a reboot",
             RequestKind::AddTask => "adding a task",
+            RequestKind::Prefetch => "a prefetch",
         }
     }
 }

@@ -74,8 +74,12 @@ impl Agent {
                 .ok_or_else(|| crate::Error::InvalidArgument("reimage without a request".into()))?;
             // Checked again: the configured image may have changed with a
             // restart, and the request was accepted under the old config.
-            let image = image_choice::choose(&self.config, &request)
-                .map_err(|refusal| crate::Error::InvalidArgument(refusal.to_string()))?;
+            let image = image_choice::choose(
+                &self.config,
+                request.image.as_ref(),
+                request.manifest_url.as_deref(),
+            )
+            .map_err(|refusal| crate::Error::InvalidArgument(refusal.to_string()))?;
             let written = self.write(id, image).await?;
             // The agent that confirms it may be the next boot's.
             self.update_node(|node| node.pending_image = Some(written.image.clone()))?;
@@ -89,7 +93,11 @@ impl Agent {
     }
 
     /// Applies the operation's policy to the tasks on the node.
-    async fn apply_task_policy(&self, id: &str, option: NodeReimageOption) -> crate::Result<()> {
+    async fn apply_task_policy(
+        self: &Arc<Self>,
+        id: &str,
+        option: NodeReimageOption,
+    ) -> crate::Result<()> {
         match option {
             NodeReimageOption::Requeue => {
                 let stopped = self.tasks.stop_running(StopMode::Requeue).await;
@@ -102,10 +110,18 @@ impl Agent {
             NodeReimageOption::TaskCompletion | NodeReimageOption::RetainedData => {
                 self.tasks.set_accepting(false);
                 self.set_phase(id, Phase::WaitingForTasks)?;
+                let prefetch = self.prefetch_while_waiting(id, option);
                 self.tasks.wait_idle().await;
                 if option == NodeReimageOption::RetainedData {
                     self.set_phase(id, Phase::WaitingForRetention)?;
                     self.tasks.wait_retention_expired().await;
+                }
+                if let Some(prefetch) = prefetch {
+                    // Its download is this write's: let it finish rather
+                    // than fetch the image a second time.
+                    if let Err(err) = prefetch.await {
+                        tracing::warn!(operation = %id, %err, "the prefetch while waiting did not finish");
+                    }
                 }
             }
         }
@@ -113,7 +129,10 @@ impl Agent {
     }
 
     /// Streams, verifies and writes the image (on a blocking thread), with
-    /// the pipeline's phases and progress shown in the operation.
+    /// the pipeline's phases and progress shown in the operation. A
+    /// prefetched copy of the image is written instead of downloading it,
+    /// still hashed as it is written; when it does not verify, the image
+    /// is streamed from its URL after all.
     async fn write(
         self: &Arc<Self>,
         id: &str,
@@ -123,42 +142,35 @@ impl Agent {
         let agent = Arc::clone(self);
         let op_id = id.to_string();
         let job = tokio::task::spawn_blocking(move || {
-            let config = &agent.config;
-            let http = HttpOptions {
-                url_policy: config.image.allowed_urls.http_policy(),
-                ..HttpOptions::default()
-            };
-            let request = image.resolve(config, &http)?;
-            let name = image.name();
-            if let Some(sha256) = &request.sha256 {
-                let expected = ImageRef {
-                    name: name.clone(),
-                    sha256: sha256.clone(),
-                };
-                agent.update(&op_id, |op| op.image = Some(expected))?;
+            let http = agent.http_options();
+            let mut touched = false;
+            if let Some((record, request)) = agent.staged_copy(&image) {
+                tracing::info!(operation = %op_id, sha256 = %record.info.sha256, "writing the prefetched copy of the image: nothing is downloaded");
+                match agent.write_resolved(&op_id, &image, request, http.clone()) {
+                    Ok(written) => {
+                        agent.drop_staged(&record);
+                        return Ok(written);
+                    }
+                    Err(failure) if super::prefetch::staged_copy_failed(&failure.error) => {
+                        tracing::warn!(operation = %op_id, err = %failure.error, "the prefetched copy did not verify; streaming the image from its URL");
+                        agent.drop_staged(&record);
+                        touched = failure.disk_touched;
+                    }
+                    Err(failure) => return Err(failure),
+                }
             }
-            let disk = &config.disk;
-            let busy = crate::disk::busy::users_of(&disk.target).unwrap_or_default();
-            if !busy.is_empty() {
-                return agent.stage_in_place(&op_id, name, request, http, &busy);
-            }
-            let write = WriteRequest {
-                image: request,
-                target: disk.target.clone(),
-                save: disk.save_spec(),
-                read_back: true,
-                http,
-                beside_mounts: Vec::new(),
-            };
-            let report = pipeline::write_image(&write, &mut |p| agent.progress(&op_id, p))?;
-            Ok::<_, WriteFailure>(Written {
-                image: ImageRef {
-                    name,
-                    sha256: report.sha256,
-                },
-                bytes: report.size,
-                elapsed: report.elapsed,
-            })
+            let request = image
+                .resolve(&agent.config, &http)
+                .map_err(|error| WriteFailure {
+                    error,
+                    disk_touched: touched,
+                })?;
+            agent
+                .write_resolved(&op_id, &image, request, http)
+                .map_err(|mut failure| {
+                    failure.disk_touched |= touched;
+                    failure
+                })
         });
         job.await.map_err(|e| {
             WriteFailure::from(crate::Error::io(
@@ -166,6 +178,47 @@ impl Agent {
                 std::io::Error::other(e),
             ))
         })?
+    }
+
+    /// Writes the resolved image `request`: straight to the target, or
+    /// staged for the shutdown handoff when the target is in use.
+    fn write_resolved(
+        &self,
+        id: &str,
+        image: &ImageChoice,
+        request: ImageRequest,
+        http: HttpOptions,
+    ) -> Result<Written, WriteFailure> {
+        let name = image.name();
+        if let Some(sha256) = &request.sha256 {
+            let expected = ImageRef {
+                name: name.clone(),
+                sha256: sha256.clone(),
+            };
+            self.update(id, |op| op.image = Some(expected))?;
+        }
+        let disk = &self.config.disk;
+        let busy = crate::disk::busy::users_of(&disk.target).unwrap_or_default();
+        if !busy.is_empty() {
+            return self.stage_in_place(id, name, request, http, &busy);
+        }
+        let write = WriteRequest {
+            image: request,
+            target: disk.target.clone(),
+            save: disk.save_spec(),
+            read_back: true,
+            http,
+            beside_mounts: Vec::new(),
+        };
+        let report = pipeline::write_image(&write, &mut |p| self.progress(id, p))?;
+        Ok(Written {
+            image: ImageRef {
+                name,
+                sha256: report.sha256,
+            },
+            bytes: report.size,
+            elapsed: report.elapsed,
+        })
     }
 
     /// The target holds the running system (or something else mounted):
@@ -214,24 +267,35 @@ impl Agent {
     /// (recovery depends on them); byte counts are shown live and persisted
     /// with the next phase.
     pub(super) fn progress(&self, id: &str, progress: &WriteProgress) {
-        let mut state = self.lock();
-        let Some(record) = state.operations.get_mut(id) else {
+        let Some((phase_changed, before)) = self.record_progress(id, progress) else {
             return;
         };
-        let phase_changed =
-            progress.phase != Phase::Done && record.operation.phase != Some(progress.phase);
         if progress.phase == Phase::Downloading {
             // Bytes reach the target only in this phase (staging writes the
             // staging area, the handoff's write is counted at confirmation).
-            let before = if phase_changed {
-                0
-            } else {
-                record.operation.progress.bytes_written
-            };
+            let before = if phase_changed { 0 } else { before };
             crate::metrics::global()
                 .bytes_written
                 .inc_by(progress.bytes_written.saturating_sub(before));
         }
+        if phase_changed {
+            self.clock_phase(id, Some(progress.phase));
+        }
+    }
+
+    /// Shows `progress` in operation `id`, persisting a new phase. Returns
+    /// whether the phase changed and the bytes shown before, or `None`
+    /// when there is no such operation.
+    pub(super) fn record_progress(
+        &self,
+        id: &str,
+        progress: &WriteProgress,
+    ) -> Option<(bool, u64)> {
+        let mut state = self.lock();
+        let record = state.operations.get_mut(id)?;
+        let phase_changed =
+            progress.phase != Phase::Done && record.operation.phase != Some(progress.phase);
+        let before = record.operation.progress.bytes_written;
         if progress.phase != Phase::Done {
             record.operation.phase = Some(progress.phase);
         }
@@ -247,12 +311,10 @@ impl Agent {
             Ok(())
         };
         drop(state);
-        if phase_changed {
-            self.clock_phase(id, Some(progress.phase));
-        }
         if let Err(err) = persisted {
             tracing::warn!(operation = %id, %err, "could not persist the phase");
         }
+        Some((phase_changed, before))
     }
 
     /// Records the boot the reboot leaves from, then reboots by the
@@ -341,21 +403,8 @@ impl Agent {
         status: OperationStatus,
         change: impl FnOnce(&mut reimage_protocol::api::Operation),
     ) -> crate::Result<()> {
-        let ended = Timestamp::now();
-        let recorded = self.update(id, |op| {
-            op.status = status;
-            op.ended_at = Some(ended);
-            op.duration_seconds = Some(ended.duration_since(op.created_at).as_secs_f64().max(0.0));
-            change(op);
-        });
+        let recorded = self.finish(id, status, change);
         self.clock_phase(id, None);
-        if let Some(op) = self.operation(id) {
-            super::count_end(&op);
-            crate::metrics::global()
-                .operation_duration
-                .with_label_values(&[op.kind.as_str(), op.status.as_str()])
-                .observe(op.duration_seconds.unwrap_or(0.0));
-        }
         {
             let mut state = self.lock();
             if state.current.as_deref() == Some(id) {
@@ -365,6 +414,31 @@ impl Agent {
         self.note_state();
         self.tasks.set_accepting(true);
         self.tasks.set_hold(false);
+        recorded
+    }
+
+    /// Records the end of operation `id` (`status`, end time, duration,
+    /// `change`) and counts it; the node is left as it is.
+    pub(super) fn finish(
+        &self,
+        id: &str,
+        status: OperationStatus,
+        change: impl FnOnce(&mut reimage_protocol::api::Operation),
+    ) -> crate::Result<()> {
+        let ended = Timestamp::now();
+        let recorded = self.update(id, |op| {
+            op.status = status;
+            op.ended_at = Some(ended);
+            op.duration_seconds = Some(ended.duration_since(op.created_at).as_secs_f64().max(0.0));
+            change(op);
+        });
+        if let Some(op) = self.operation(id) {
+            super::count_end(&op);
+            crate::metrics::global()
+                .operation_duration
+                .with_label_values(&[op.kind.as_str(), op.status.as_str()])
+                .observe(op.duration_seconds.unwrap_or(0.0));
+        }
         recorded
     }
 

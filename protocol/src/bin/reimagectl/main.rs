@@ -1,5 +1,5 @@
 //! `reimagectl`: the controller. Drives one node's agent or rolls a reimage
-//! through a whole fleet in waves (a thin layer over
+//! (or a prefetch of its image) through a whole fleet in waves (a thin layer over
 //! `reimage_protocol::Client`; flags are documented where they are defined).
 
 mod error;
@@ -61,7 +61,7 @@ struct Cli {
     )]
     token_file: Option<PathBuf>,
     /// `table` (aligned columns for people), `json` (one document) or, for
-    /// reimage and reboot, `jsonl` (each event as a JSON line as it
+    /// reimage, reboot and prefetch, `jsonl` (each event as a JSON line as it
     /// happens, the summary last).
     #[arg(long, value_enum, default_value_t = Format::Table, global = true, help_heading = "Global options")]
     output: Format,
@@ -77,6 +77,10 @@ enum Command {
     Reimage(rollout::ReimageArgs),
     /// Reboot the nodes: one, or a fleet in waves of --max-parallel.
     Reboot(rollout::RebootArgs),
+    /// Download and verify the image into each node's staging area ahead
+    /// of the reimage, in waves of its own --max-parallel; the nodes keep
+    /// working meanwhile.
+    Prefetch(rollout::PrefetchArgs),
     /// Show, follow or list the operations of one agent.
     #[command(subcommand)]
     Op(op_cmd::OpCommand),
@@ -114,7 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         other => other,
     };
     let format = match cli.command {
-        Command::Reimage(_) | Command::Reboot(_) => format,
+        Command::Reimage(_) | Command::Reboot(_) | Command::Prefetch(_) => format,
         _ => document,
     };
     match cli.command {
@@ -124,6 +128,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
         }
         Command::Reboot(args) => {
+            args.run(&fleet(&agents, token, KeepAlive::OnePerAgent)?, format)
+                .await
+        }
+        Command::Prefetch(args) => {
             args.run(&fleet(&agents, token, KeepAlive::OnePerAgent)?, format)
                 .await
         }

@@ -171,7 +171,7 @@ impl NodeJob {
         if self.context.force {
             return Ok(Plan::Start);
         }
-        if let (Action::Reimage(_), Some(target)) =
+        if let (Action::Reimage(_) | Action::Prefetch(_), Some(target)) =
             (&self.context.action, &self.context.target_sha256)
         {
             let node = self.client.node().await?;
@@ -179,11 +179,23 @@ impl NodeJob {
                 .image
                 .as_ref()
                 .is_some_and(|image| image.sha256.eq_ignore_ascii_case(target));
-            return Ok(if on_target {
-                Plan::Current(format!("already on image {}", short(target)))
-            } else {
-                Plan::Start
-            });
+            if on_target {
+                return Ok(Plan::Current(format!("already on image {}", short(target))));
+            }
+            if let Action::Prefetch(_) = self.context.action
+                && self
+                    .client
+                    .staged_images()
+                    .await?
+                    .iter()
+                    .any(|staged| staged.sha256.eq_ignore_ascii_case(target))
+            {
+                return Ok(Plan::Current(format!(
+                    "image {} staged already",
+                    short(target)
+                )));
+            }
+            return Ok(Plan::Start);
         }
         // Without a known target, what an earlier run saw succeed stands.
         let done_earlier = self.earlier_operation.as_ref().is_some_and(|id| {

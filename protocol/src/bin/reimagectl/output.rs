@@ -4,7 +4,7 @@
 use anyhow::Context;
 use jiff::Timestamp;
 use reimage_protocol::Phase;
-use reimage_protocol::api::{Operation, OperationStatus};
+use reimage_protocol::api::{Operation, OperationKind, OperationStatus};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -181,7 +181,10 @@ pub fn operation_table(operations: &[Operation]) -> Table {
         table.row(vec![
             op.id.clone(),
             wire_name(&op.kind),
-            wire_name(&op.node_reimage_option),
+            // A prefetch leaves the tasks alone: its option means nothing.
+            or_dash(
+                (op.kind != OperationKind::Prefetch).then(|| wire_name(&op.node_reimage_option)),
+            ),
             status(op.status),
             or_dash(op.phase.map(phase)),
             or_dash(Some(progress(op))),

@@ -1,4 +1,4 @@
-//! `reimage` and `reboot` across a fleet: canary waves of at most
+//! `reimage`, `reboot` and `prefetch` across a fleet: canary waves of at most
 //! `--max-parallel` nodes in flight, failure and unreachability budgets
 //! that stop the rollout, a journal from which a rerun carries on, Ctrl-C
 //! (SIGTERM, SIGHUP) that stops starting nodes, and a summary at the end.
@@ -15,7 +15,7 @@ use jiff::Timestamp;
 use reimage_protocol::ErrorCode;
 use reimage_protocol::api::{
     ImageSpec, NodeReimageOption, Operation, OperationError, OperationKind, OperationStatus,
-    ReimageRequest,
+    PrefetchRequest, ReimageRequest,
 };
 use reimage_protocol::{Client, ClientError, Phase};
 use serde::Serialize;
@@ -131,14 +131,11 @@ pub struct RolloutArgs {
     force: bool,
 }
 
-/// `reimagectl reimage`.
+/// The image of a reimage or a prefetch.
 #[derive(Debug, clap::Args)]
-pub struct ReimageArgs {
-    /// What happens to the tasks on the node.
-    #[arg(long, value_enum, default_value_t = ReimageOption::Requeue)]
-    option: ReimageOption,
-    /// The image to write (http or https URL; raw, gzip, xz or zstd).
-    /// Without it or --manifest each agent writes its configured [image].
+pub struct ImageArgs {
+    /// The image (http or https URL; raw, gzip, xz or zstd). Without it or
+    /// --manifest each agent takes its configured [image].
     #[arg(
         long,
         value_name = "URL",
@@ -152,6 +149,54 @@ pub struct ReimageArgs {
     /// URL of an image manifest (`*.manifest.json`: url, format, size, sha256).
     #[arg(long, value_name = "URL")]
     manifest: Option<String>,
+}
+
+impl ImageArgs {
+    /// The SHA-256 of the image, when known (a manifest's is read through
+    /// the first client), so that nodes already done are left alone.
+    async fn target_sha256(&self, fleet: &[Client]) -> anyhow::Result<Option<String>> {
+        Ok(match (&self.sha256, &self.manifest, fleet.first()) {
+            (Some(sha256), _, _) => Some(sha256.to_ascii_lowercase()),
+            (None, Some(manifest), Some(client)) => Some(
+                client
+                    .manifest_sha256(manifest)
+                    .await
+                    .with_context(|| format!("reading the manifest {manifest}"))?,
+            ),
+            _ => None,
+        })
+    }
+
+    /// The request's `image`.
+    fn spec(&self) -> Option<ImageSpec> {
+        self.image_url
+            .clone()
+            .zip(self.sha256.clone())
+            .map(|(url, sha256)| ImageSpec {
+                url,
+                sha256,
+                size: None,
+            })
+    }
+}
+
+/// `reimagectl reimage`.
+#[derive(Debug, clap::Args)]
+pub struct ReimageArgs {
+    /// What happens to the tasks on the node.
+    #[arg(long, value_enum, default_value_t = ReimageOption::Requeue)]
+    option: ReimageOption,
+    #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+}
+
+/// `reimagectl prefetch`.
+#[derive(Debug, clap::Args)]
+pub struct PrefetchArgs {
+    #[command(flatten)]
+    image: ImageArgs,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
@@ -169,31 +214,36 @@ pub struct RebootArgs {
 impl ReimageArgs {
     /// Reimages every node of `fleet`.
     pub async fn run(self, fleet: &[Client], format: Format) -> anyhow::Result<()> {
-        let target_sha256 = match (&self.sha256, &self.manifest, fleet.first()) {
-            (Some(sha256), _, _) => Some(sha256.to_ascii_lowercase()),
-            (None, Some(manifest), Some(client)) => Some(
-                client
-                    .manifest_sha256(manifest)
-                    .await
-                    .with_context(|| format!("reading the manifest {manifest}"))?,
-            ),
-            _ => None,
-        };
+        let target_sha256 = self.image.target_sha256(fleet).await?;
         let request = ReimageRequest {
             node_reimage_option: self.option.into(),
-            image: self
-                .image_url
-                .zip(self.sha256)
-                .map(|(url, sha256)| ImageSpec {
-                    url,
-                    sha256,
-                    size: None,
-                }),
-            manifest_url: self.manifest,
+            image: self.image.spec(),
+            manifest_url: self.image.manifest,
         };
         roll_out(
             fleet,
             Action::Reimage(request),
+            target_sha256,
+            &self.rollout,
+            format,
+        )
+        .await
+    }
+}
+
+impl PrefetchArgs {
+    /// Prefetches the image on every node of `fleet`: the download is
+    /// paced by this rollout's --max-parallel (and --max-downloads), apart
+    /// from the reimage's maintenance window.
+    pub async fn run(self, fleet: &[Client], format: Format) -> anyhow::Result<()> {
+        let target_sha256 = self.image.target_sha256(fleet).await?;
+        let request = PrefetchRequest {
+            image: self.image.spec(),
+            manifest_url: self.image.manifest,
+        };
+        roll_out(
+            fleet,
+            Action::Prefetch(request),
             target_sha256,
             &self.rollout,
             format,
@@ -221,6 +271,7 @@ impl RebootArgs {
 pub enum Action {
     Reimage(ReimageRequest),
     Reboot(NodeReimageOption),
+    Prefetch(PrefetchRequest),
 }
 
 impl Action {
@@ -228,6 +279,7 @@ impl Action {
         match self {
             Action::Reimage(_) => "reimage",
             Action::Reboot(_) => "reboot",
+            Action::Prefetch(_) => "prefetch",
         }
     }
 
@@ -235,26 +287,33 @@ impl Action {
         match self {
             Action::Reimage(_) => OperationKind::Reimage,
             Action::Reboot(_) => OperationKind::Reboot,
+            Action::Prefetch(_) => OperationKind::Prefetch,
         }
     }
 
-    pub fn option(&self) -> NodeReimageOption {
+    /// What happens to the nodes' tasks; a prefetch leaves them alone.
+    pub fn option(&self) -> Option<NodeReimageOption> {
         match self {
-            Action::Reimage(request) => request.node_reimage_option,
-            Action::Reboot(option) => *option,
+            Action::Reimage(request) => Some(request.node_reimage_option),
+            Action::Reboot(option) => Some(*option),
+            Action::Prefetch(_) => None,
         }
     }
 
     /// What makes two rollouts the same one (the agents apart).
     fn identity(&self) -> Vec<String> {
-        let mut parts = vec![self.name().to_string(), format!("{:?}", self.option())];
-        if let Action::Reimage(request) = self {
-            if let Some(image) = &request.image {
-                parts.push(image.url.clone());
-                parts.push(image.sha256.to_ascii_lowercase());
-            }
-            parts.extend(request.manifest_url.clone());
+        let mut parts = vec![self.name().to_string()];
+        parts.extend(self.option().map(|option| format!("{option:?}")));
+        let (image, manifest_url) = match self {
+            Action::Reimage(request) => (&request.image, &request.manifest_url),
+            Action::Prefetch(request) => (&request.image, &request.manifest_url),
+            Action::Reboot(_) => return parts,
+        };
+        if let Some(image) = image {
+            parts.push(image.url.clone());
+            parts.push(image.sha256.to_ascii_lowercase());
         }
+        parts.extend(manifest_url.clone());
         parts
     }
 
@@ -262,6 +321,7 @@ impl Action {
         match self {
             Action::Reimage(request) => client.reimage(request).await,
             Action::Reboot(option) => client.reboot(*option).await,
+            Action::Prefetch(request) => client.prefetch(request).await,
         }
     }
 }

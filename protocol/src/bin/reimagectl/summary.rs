@@ -25,7 +25,9 @@ const AGENTS_PER_CODE: usize = 3;
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     action: &'static str,
-    node_reimage_option: NodeReimageOption,
+    /// None for a prefetch, which leaves the tasks alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_reimage_option: Option<NodeReimageOption>,
     max_parallel: u32,
     waited: bool,
     interrupted: bool,
