@@ -101,14 +101,17 @@ fn forbid_zero_wall_clock(json: &mut serde_json::Value) {
     }
 }
 
-/// A reimage names its image inline or by manifest, not both
+/// A reimage or prefetch names its image inline or by manifest, not both
 /// (`ops::image_choice` refuses that): JSON Schema's `not`, which the
 /// typed description has no field for.
 fn forbid_image_with_manifest(json: &mut serde_json::Value) {
-    if let Some(schema) = json
-        .pointer_mut("/components/schemas/ReimageRequest")
-        .and_then(serde_json::Value::as_object_mut)
-    {
+    for name in ["ReimageRequest", "PrefetchRequest"] {
+        let Some(schema) = json
+            .pointer_mut(&format!("/components/schemas/{name}"))
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            continue;
+        };
         schema.insert(
             "not".into(),
             serde_json::json!({
@@ -124,7 +127,7 @@ fn forbid_image_with_manifest(json: &mut serde_json::Value) {
 
 /// The fields whose shape the agent checks with a pattern (the derive
 /// cannot see them): schema, field, the pattern the check uses.
-fn field_patterns() -> [(&'static str, &'static str, &'static Pattern); 8] {
+fn field_patterns() -> [(&'static str, &'static str, &'static Pattern); 9] {
     [
         ("AddTaskRequest", "id", &TASK_ID_PATTERN),
         ("AddTaskRequest", "commandLine", &COMMAND_LINE_PATTERN),
@@ -134,6 +137,7 @@ fn field_patterns() -> [(&'static str, &'static str, &'static Pattern); 8] {
         ("TaskConstraints", "retentionTime", &DURATION_PATTERN),
         ("ImageSpec", "url", &API_URL_PATTERN),
         ("ReimageRequest", "manifestUrl", &API_URL_PATTERN),
+        ("PrefetchRequest", "manifestUrl", &API_URL_PATTERN),
     ]
 }
 
@@ -208,6 +212,17 @@ fn add_shared(path: &str, method: &axum::http::Method, xml: bool, operation: &mu
                 _ => note,
             });
         }
+    }
+    let takes_request_id = operation
+        .parameters
+        .iter()
+        .flatten()
+        .any(|p| matches!(p, RefOr::T(p) if p.name == "client-request-id"));
+    if takes_request_id {
+        add(
+            "409",
+            "RequestIdConflict: the client-request-id was sent before with another request",
+        );
     }
     if operation.request_body.is_some() {
         add("400", "InvalidRequestBody: the body does not parse");
