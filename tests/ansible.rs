@@ -7,6 +7,7 @@
 //! `skipping <test>: <reason>`.
 
 use rcgen::ExtendedKeyUsagePurpose;
+use reimage_e2e::ctl::time;
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
@@ -299,13 +300,6 @@ fn recap(stdout: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
             Some((host.trim().to_string(), counters))
         })
         .collect()
-}
-
-fn time(value: &Value) -> jiff::Timestamp {
-    value
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
 }
 
 #[test]

@@ -6,14 +6,13 @@
 //!
 //! 100 agents with `REIMAGE_LONG_TESTS=1` (CI), 20 otherwise.
 
-use reimage_e2e::ctl::{json, reimagectl, token_file};
+use reimage_e2e::ctl::{ServedImage, json, reimagectl, time, token_file};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
-use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{MIB, os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::http_server::Fault;
+use reimage_e2e::images::{MIB, partition_sha256, target_disk};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn fleet_size() -> usize {
@@ -89,7 +88,7 @@ impl Fleet {
     }
 
     /// `reimagectl --hosts FLEET --output json reimage --wait ARGS... IMAGE`.
-    fn reimage(&self, args: &[&str], image: &Image) -> Command {
+    fn reimage(&self, args: &[&str], image: &ServedImage) -> Command {
         let mut all = vec![
             "--hosts",
             self.hosts.to_str().expect("utf-8 path"),
@@ -111,37 +110,6 @@ impl Fleet {
     /// How many operations each agent holds.
     fn operation_counts(&self) -> Vec<usize> {
         self.agents.iter().map(|a| a.operations().len()).collect()
-    }
-}
-
-/// An 8 MiB image served from 127.0.0.1, or one whose hash is wrong.
-struct Image {
-    server: FaultServer,
-    sha256: String,
-}
-
-impl Image {
-    fn serve(fault: Fault) -> Image {
-        let raw = os_image(8, 1, 7);
-        Image {
-            server: FaultServer::start(vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))], fault),
-            sha256: sha256(&raw),
-        }
-    }
-
-    fn with_wrong_hash() -> Image {
-        let mut image = Image::serve(Fault::None);
-        image.sha256 = sha256(b"not this image");
-        image
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--image-url".into(),
-            self.server.url("/os.img.zst"),
-            "--sha256".into(),
-            self.sha256.clone(),
-        ]
     }
 }
 
@@ -187,7 +155,7 @@ fn statuses(summary: &Value) -> Vec<String> {
 #[test]
 fn a_fleet_rolls_in_waves_under_a_small_fd_limit_and_a_rerun_does_nothing() {
     let fleet = Fleet::start(fleet_size());
-    let image = Image::serve(Fault::None);
+    let image = ServedImage::serve(Fault::None);
     let journal = fleet.journal("rollout.jsonl");
     let journal_arg = journal.to_str().expect("utf-8 path");
     let args = [
@@ -243,7 +211,7 @@ fn a_fleet_rolls_in_waves_under_a_small_fd_limit_and_a_rerun_does_nothing() {
 fn a_controller_killed_mid_rollout_resumes_without_reimaging_a_node_twice() {
     let fleet = Fleet::start(fleet_size());
     // About 2 s per node, so the rollout is well under way when it dies.
-    let image = Image::serve(Fault::SlowBytesPerSec(MIB));
+    let image = ServedImage::serve(Fault::SlowBytesPerSec(MIB));
     let journal = fleet.journal("rollout.jsonl");
     let journal_arg = journal.to_str().expect("utf-8 path");
     let args = [
@@ -301,7 +269,7 @@ fn a_controller_killed_mid_rollout_resumes_without_reimaging_a_node_twice() {
 #[test]
 fn a_bad_image_costs_only_the_canary() {
     let fleet = Fleet::start(fleet_size().min(20));
-    let image = Image::with_wrong_hash();
+    let image = ServedImage::with_wrong_hash();
     let output =
         run(&mut fleet.reimage(&["--waves", "1,50%,100%", "--max-parallel", "10"], &image));
     assert_eq!(
@@ -335,7 +303,7 @@ fn a_bad_image_costs_only_the_canary() {
 #[test]
 fn a_frozen_agent_is_unreachable_by_the_accept_deadline() {
     let fleet = Fleet::start(3);
-    let image = Image::serve(Fault::None);
+    let image = ServedImage::serve(Fault::None);
     let frozen = fleet.agents[1].daemon.pid().expect("running");
     let stop = Command::new("kill")
         .args(["-STOP", &frozen.to_string()])
@@ -413,7 +381,7 @@ fn the_terminal_output_fits_80_columns_and_ends_with_the_failures_by_code() {
         return println!("skipping: no script(1) (util-linux)");
     }
     let fleet = Fleet::start(12);
-    let image = Image::serve(Fault::SlowBytesPerSec(4 * MIB));
+    let image = ServedImage::serve(Fault::SlowBytesPerSec(4 * MIB));
     // Two nodes fail before writing: their disks have no local-storage.
     for agent in &fleet.agents[4..6] {
         let disk = agent.dir.path().join("disk.img");
@@ -500,11 +468,4 @@ fn the_terminal_output_fits_80_columns_and_ends_with_the_failures_by_code() {
 
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-fn time(value: &Value) -> jiff::Timestamp {
-    value
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
 }

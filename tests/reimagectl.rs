@@ -5,43 +5,14 @@
 //! its first failure, and Ctrl-C in the middle of a rollout.
 
 use reimage_e2e::bin::run;
-use reimage_e2e::ctl::{json, reimagectl, stdout, token_file};
+use reimage_e2e::ctl::{ServedImage, json, reimagectl, stdout, time, token_file};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
-use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{MIB, os_image, sha256, target_disk, zstd};
+use reimage_e2e::http_server::Fault;
+use reimage_e2e::images::{MIB, target_disk};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// An 8 MiB OS image served from 127.0.0.1, optionally slowly (so that an
-/// operation stays in flight long enough to be seen).
-struct Image {
-    server: FaultServer,
-    sha256: String,
-}
-
-impl Image {
-    fn serve(bytes_per_sec: Option<u64>) -> Image {
-        let raw = os_image(8, 1, 7);
-        let fault = bytes_per_sec.map_or(Fault::None, Fault::SlowBytesPerSec);
-        Image {
-            server: FaultServer::start(vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))], fault),
-            sha256: sha256(&raw),
-        }
-    }
-
-    /// `--image-url U --sha256 H`.
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--image-url".into(),
-            self.server.url("/os.img.zst"),
-            "--sha256".into(),
-            self.sha256.clone(),
-        ]
-    }
-}
 
 /// A running agent with a 32 MiB disk file and the admin token in a file.
 struct Agent {
@@ -135,16 +106,9 @@ fn wait_until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-fn time(value: &Value) -> jiff::Timestamp {
-    value
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a timestamp: {value}"))
-}
-
 #[test]
 fn one_node_reimage_reboot_tasks_and_scheduling() {
-    let image = Image::serve(None);
+    let image = ServedImage::serve(Fault::None);
     let agent = Agent::start();
 
     let node = agent.ctl_json(&["node"]);
@@ -253,7 +217,7 @@ fn one_node_reimage_reboot_tasks_and_scheduling() {
 
 #[test]
 fn op_wait_follows_an_operation_through_an_agent_restart() {
-    let image = Image::serve(None);
+    let image = ServedImage::serve(Fault::None);
     let mut agent = Agent::start();
     let output = agent.ctl(&["task", "add", "busy", "--", "sleep", "2"]);
     assert!(output.status.success());
@@ -304,7 +268,7 @@ fn op_wait_follows_an_operation_through_an_agent_restart() {
 fn a_fleet_rolls_in_waves_and_stops_at_the_first_failure() {
     // About 1.5 s per good node, so the waves are visible in time and a
     // failure (found before the first byte is written) ends well before them.
-    let image = Image::serve(Some(2 * MIB));
+    let image = ServedImage::serve(Fault::SlowBytesPerSec(2 * MIB));
     let agents = [
         Agent::start(),
         Agent::start(),
@@ -419,7 +383,7 @@ fn a_fleet_rolls_in_waves_and_stops_at_the_first_failure() {
 
 #[test]
 fn ctrl_c_stops_the_rollout_and_reports_the_nodes_in_flight() {
-    let image = Image::serve(Some(2 * MIB));
+    let image = ServedImage::serve(Fault::SlowBytesPerSec(2 * MIB));
     let agents = [Agent::start(), Agent::start(), Agent::start()];
     let mut args = vec!["--output", "json"];
     for agent in &agents {
@@ -463,7 +427,7 @@ fn ctrl_c_stops_the_rollout_and_reports_the_nodes_in_flight() {
 
 #[test]
 fn each_reimage_option_through_reimagectl() {
-    let image = Image::serve(None);
+    let image = ServedImage::serve(Fault::None);
     let agent = Agent::start();
     for option in ["requeue", "terminate", "taskcompletion", "retaineddata"] {
         let id = format!("work-{option}");
@@ -505,7 +469,7 @@ fn each_reimage_option_through_reimagectl() {
 
 #[test]
 fn prefetch_rolls_through_the_fleet_and_the_reimage_after_it_downloads_nothing() {
-    let image = Image::serve(None);
+    let image = ServedImage::serve(Fault::None);
     let agents = [Agent::start(), Agent::start(), Agent::start()];
     let hosts = agents[0].dir.path().join("fleet.txt");
     let text: String = agents
