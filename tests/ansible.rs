@@ -6,12 +6,11 @@
 //! on the collection. Without python3 and its venv module the tests say
 //! `skipping <test>: <reason>`.
 
-use rcgen::ExtendedKeyUsagePurpose;
 use reimage_e2e::ctl::time;
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
-use reimage_e2e::pki::{Ca, add_to_api_table, client, server_pki, tls_lines};
+use reimage_e2e::pki::{client, require_client_certificates, server_pki};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs;
@@ -914,19 +913,8 @@ fn the_modules_reach_an_https_agent_with_its_ca_file_and_a_client_certificate() 
     let dir = tempfile::tempdir().expect("tempdir");
     target_disk(&dir.path().join("disk.img"), 32, 8, 41);
     let pki = server_pki(dir.path());
-    let client_ca = Ca::new("reimage test client CA");
-    let client_ca_path = dir.path().join("clients.pem");
-    fs::write(&client_ca_path, client_ca.pem()).expect("write client CA");
     let config = write_config(dir.path(), "");
-    add_to_api_table(
-        &config,
-        &format!(
-            "{}\nclient_ca = \"{}\"",
-            tls_lines(&pki),
-            client_ca_path.display()
-        ),
-    );
-    let controller = client_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth);
+    let controller = require_client_certificates(dir.path(), &config, &pki);
     let daemon = Daemon::start_with(
         &config,
         "https",

@@ -4,7 +4,9 @@
 use rcgen::ExtendedKeyUsagePurpose;
 use reimage_e2e::bin::{agent, stderr};
 use reimage_e2e::daemon::{Daemon, READER, write_config};
-use reimage_e2e::pki::{Ca, Leaf, add_to_api_table, client, server_pki, tls_lines};
+use reimage_e2e::pki::{
+    Ca, Leaf, add_to_api_table, client, require_client_certificates, server_pki, tls_lines,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::fs;
@@ -72,19 +74,8 @@ fn the_api_speaks_https_only_and_still_needs_a_token() {
 fn client_ca_requires_a_certificate_it_signed_and_a_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = server_pki(dir.path());
-    let client_ca = Ca::new("reimage test client CA");
-    let client_ca_path = dir.path().join("clients.pem");
-    fs::write(&client_ca_path, client_ca.pem()).expect("write client CA");
     let config = write_config(dir.path(), "");
-    add_to_api_table(
-        &config,
-        &format!(
-            "{}\nclient_ca = \"{}\"",
-            tls_lines(&pki),
-            client_ca_path.display()
-        ),
-    );
-    let controller = client_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth);
+    let controller = require_client_certificates(dir.path(), &config, &pki);
     let good = client(&pki.server_ca.pem(), Some(&controller));
     let daemon = Daemon::start_with(&config, "https", good.clone());
     let node_url = format!("{}/v1/node", daemon.url);

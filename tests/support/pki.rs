@@ -104,6 +104,24 @@ pub fn tls_lines(pki: &Pki) -> String {
     )
 }
 
+/// Makes the agent of `config` serve HTTPS with `pki` and demand client
+/// certificates signed by a new client CA (written to `dir/clients.pem`),
+/// and returns a controller's certificate that CA signed.
+pub fn require_client_certificates(dir: &Path, config: &Path, pki: &Pki) -> Leaf {
+    let client_ca = Ca::new("reimage test client CA");
+    let client_ca_path = dir.join("clients.pem");
+    fs::write(&client_ca_path, client_ca.pem()).expect("write client CA");
+    add_to_api_table(
+        config,
+        &format!(
+            "{}\nclient_ca = \"{}\"",
+            tls_lines(pki),
+            client_ca_path.display()
+        ),
+    );
+    client_ca.issue(&["controller"], ExtendedKeyUsagePurpose::ClientAuth)
+}
+
 /// A blocking client that trusts `ca_pem` and presents `identity` if given.
 pub fn client(ca_pem: &str, identity: Option<&Leaf>) -> reqwest::blocking::Client {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
