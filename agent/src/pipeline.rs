@@ -13,6 +13,7 @@ use crate::disk::HEAD_LEN;
 use crate::disk::device::{Target, TargetKind};
 use crate::disk::gpt::TableSectors;
 use crate::disk::readback;
+use crate::disk::reset::{self, CopyOutcome};
 use crate::disk::saved::{SaveSpec, SavedPartition, SavedPartitions};
 use crate::disk::sink::{self, DiskSink};
 use crate::image::digest::parse_sha256_hex;
@@ -388,9 +389,10 @@ impl<'t> Job<'t> {
         self.target.sync()?;
         let written = beyond.iter().map(|(o, b)| (*o, b.as_slice()));
         for (offset, bytes) in written.chain([(0, head.as_slice())]) {
-            if !readback::matches(self.target, offset, bytes)? {
+            if let Some(at) = readback::first_difference(self.target, offset, bytes)? {
                 return Err(Error::ReadbackMismatch(format!(
-                    "the partition table written at byte {offset} reads back differently"
+                    "{} reads back differently at byte {at}",
+                    describe_commit_bytes(at, self.saved.sector_size(), disk_size)
                 )));
             }
         }
@@ -437,14 +439,52 @@ impl<'t> Job<'t> {
             code = %cause.code(),
             "write failed; resetting the partition table to the saved partitions"
         );
-        let reset = self
-            .saved
-            .saved_only_table(self.target.size())
-            .and_then(|table| self.write_table(&table))
-            .and_then(|()| self.target.sync());
-        if let Err(err) = reset {
-            tracing::error!(%err, "could not reset the partition table after the failure");
+        let table = match self.saved.saved_only_table(self.target.size()) {
+            Ok(table) => table,
+            Err(err) => {
+                tracing::error!(%err, "could not build the saved-only partition table after the failure");
+                return;
+            }
+        };
+        let report = reset::reset_to_saved_only(self.target, &table);
+        for (copy, outcome) in report.copies() {
+            match outcome {
+                CopyOutcome::Reset => {}
+                CopyOutcome::Spoiled { write } => tracing::warn!(
+                    %copy,
+                    %write,
+                    "the {copy} partition table could not be reset to the saved partitions; its header was zeroed, so it reads as no table"
+                ),
+                CopyOutcome::Unwritable { write, spoil } => tracing::error!(
+                    %copy,
+                    %write,
+                    %spoil,
+                    "the {copy} partition table could neither be reset to the saved partitions nor spoiled: it holds what it held before the reset"
+                ),
+            }
         }
+        if let Err(err) = &report.synced {
+            tracing::error!(%err, "the reset partition table may not be durable: the fsync after it failed");
+        }
+    }
+}
+
+/// What the commit wrote at byte `at` of a disk of `disk_size` bytes: the
+/// first MiB is the MBR and primary table, then the image's own bytes up to
+/// 1 MiB (the gap before the first partition); the end holds the backup.
+fn describe_commit_bytes(at: u64, sector_size: u64, disk_size: u64) -> &'static str {
+    // A GPT's entries take 16 KiB whatever the sector size.
+    let primary_end = 2 * sector_size + 16 * 1024;
+    if at < 512 {
+        "the protective MBR (with the image's boot code)"
+    } else if at < primary_end {
+        "the primary partition table"
+    } else if at < HEAD_LEN as u64 {
+        "the image's bytes between the partition table and 1 MiB"
+    } else if at + 16 * 1024 + sector_size >= disk_size {
+        "the backup partition table at the end of the disk"
+    } else {
+        "the partition table"
     }
 }
 
@@ -494,5 +534,21 @@ pub(crate) fn check_image(size: u64, sha256: &str, image: &ImageRequest) -> Resu
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_mismatch_names_the_part_of_the_disk_it_is_in() {
+        let disk = 64 << 20;
+        assert!(describe_commit_bytes(100, 512, disk).contains("MBR"));
+        assert!(describe_commit_bytes(600, 512, disk).contains("primary partition table"));
+        assert!(describe_commit_bytes(17_000, 512, disk).contains("primary partition table"));
+        let gap = describe_commit_bytes(300_000, 512, disk);
+        assert!(gap.starts_with("the image's bytes"), "{gap}");
+        assert!(describe_commit_bytes(disk - 100, 512, disk).contains("backup"));
     }
 }

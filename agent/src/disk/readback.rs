@@ -37,10 +37,15 @@ pub fn hash_written_image(
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Reads `expected.len()` bytes at `offset` back and says whether they match.
-pub fn matches(target: &Target, offset: u64, expected: &[u8]) -> Result<bool> {
+/// Reads `expected.len()` bytes at `offset` back; returns the disk offset of
+/// the first byte that differs, `None` when all match.
+pub fn first_difference(target: &Target, offset: u64, expected: &[u8]) -> Result<Option<u64>> {
     let mut buffer = AlignedBuf::new(expected.len());
     buffer.set_len(expected.len());
     target.read_at(&mut buffer[..], offset)?;
-    Ok(buffer[..] == *expected)
+    Ok(buffer
+        .iter()
+        .zip(expected)
+        .position(|(back, want)| back != want)
+        .map(|at| offset + at as u64))
 }
