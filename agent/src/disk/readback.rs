@@ -207,12 +207,13 @@ mod tests {
             .filter(|c| c.expected == Expected::Zeros);
         assert_eq!(zero_chunks.count(), 4, "MiB 4 to 8 are zeros");
         let mut seen = Vec::new();
-        let mut report = |p: &reimage_protocol::WriteProgress| seen.push(p.bytes_written);
-        let mut meter = ProgressMeter::new(&mut report);
-        chunks
-            .verify(&target, &mut meter, MIB as u64)
-            .expect("verifies");
-        drop(meter);
+        {
+            let mut report = |p: &reimage_protocol::WriteProgress| seen.push(p.bytes_written);
+            let mut meter = ProgressMeter::new(&mut report);
+            chunks
+                .verify(&target, &mut meter, MIB as u64)
+                .expect("verifies");
+        }
         assert!(seen.iter().all(|&b| b >= MIB as u64), "{seen:?}");
     }
 
