@@ -8,22 +8,28 @@
 //!
 //! Until the last step the disk's partition table holds only the saved
 //! partitions, so a corrupt, truncated or half-written image never boots.
+//!
+//! Decoding, SHA-256 and the disk I/O each run on their own thread
+//! ([`MeasuredStream`]). The read-back checks every chunk written against a
+//! BLAKE3 digest taken from the very bytes the SHA-256 measured
+//! ([`WrittenChunks`]), several reads in flight: one SHA-256 pass, and the
+//! disk still holds the bytes that hashed to the expected SHA-256.
 
 use crate::disk::HEAD_LEN;
 use crate::disk::device::{Target, TargetKind};
 use crate::disk::gpt::TableSectors;
-use crate::disk::readback;
+use crate::disk::readback::{self, WrittenChunks};
+use crate::disk::reset::{self, CopyOutcome};
 use crate::disk::saved::{SaveSpec, SavedPartition, SavedPartitions};
 use crate::disk::sink::{self, DiskSink};
 use crate::image::digest::parse_sha256_hex;
 use crate::image::http::HttpOptions;
 use crate::image::source::{self, Location};
-use crate::image::stream::ChunkStream;
+use crate::image::stream::{MeasuredStream, Piece};
 use crate::image::{decode, manifest};
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
 use reimage_protocol::{ImageFormat, Phase, WriteProgress};
-use sha2::{Digest, Sha256};
 use std::cell::Cell;
 use std::io::Read;
 use std::path::PathBuf;
@@ -182,6 +188,17 @@ struct Streamed {
     size: u64,
     sha256: String,
     zeroed: u64,
+    /// What each chunk written must read back as.
+    written: WrittenChunks,
+}
+
+/// The measuring thread ended without an error or the end of the image:
+/// it cannot, short of a panic there.
+fn stream_cut_off() -> Error {
+    Error::io(
+        "streaming the image",
+        std::io::Error::other("the hashing thread stopped before the end of the image"),
+    )
 }
 
 /// One write against one opened target.
@@ -264,60 +281,49 @@ impl<'t> Job<'t> {
         check_image_fits(&self.saved, self.target.size(), size)
     }
 
-    /// source → decode → hash → sink, holding the first MiB back.
+    /// decode → measure → sink, each on its own thread (see
+    /// [`MeasuredStream`]); the first MiB is held back, and every chunk
+    /// written is recorded for the read-back.
     fn stream(
         &self,
         decoded: Box<dyn Read + Send>,
         expected_size: Option<u64>,
         meter: &mut ProgressMeter<'_>,
     ) -> Result<Streamed> {
-        let mut chunks = ChunkStream::spawn(decoded)?;
-        let mut hasher = Sha256::new();
-        let mut head = Vec::with_capacity(HEAD_LEN);
+        let mut pieces = MeasuredStream::spawn(decoded, expected_size)?;
         let mut sink: Option<DiskSink<'_>> = None;
-        let mut size = 0u64;
+        let mut written = WrittenChunks::new();
+        let mut position = 0u64;
         meter.phase(Phase::Downloading, expected_size);
-        while let Some(chunk) = chunks.next_chunk() {
-            let chunk = chunk?;
-            size += chunk.len() as u64;
-            if let Some(expected) = expected_size
-                && size > expected
-            {
-                return Err(Error::ImageSizeMismatch {
-                    expected,
-                    actual: size,
-                });
-            }
-            hasher.update(&chunk[..]);
-            let held = (HEAD_LEN - head.len()).min(chunk.len());
-            head.extend_from_slice(&chunk[..held]);
-            if held < chunk.len() {
-                let sink = match &mut sink {
-                    Some(sink) => sink,
-                    None => sink.insert(self.prepare(&head, expected_size)?),
-                };
-                sink.write(&chunk[held..])?;
-            }
-            chunks.recycle(chunk);
-            meter.update(size);
-        }
-        let zeroed = match &mut sink {
-            Some(sink) => {
-                sink.finish()?;
-                sink.zeroed_bytes()
-            }
-            None => {
-                // The whole image fits in the held head.
-                self.prepare(&head, expected_size)?;
-                0
+        let measured = loop {
+            let piece = pieces.next_piece().ok_or_else(stream_cut_off)??;
+            match piece {
+                Piece::Head(head) => sink = Some(self.prepare(&head, expected_size)?),
+                Piece::Chunk(chunk) => {
+                    let held = (HEAD_LEN as u64).saturating_sub(position);
+                    let held = held.min(chunk.len() as u64) as usize;
+                    if held < chunk.len() {
+                        let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
+                        sink.write(&chunk[held..])?;
+                        written.record(position + held as u64, &chunk[held..]);
+                    }
+                    position += chunk.len() as u64;
+                    pieces.recycle(chunk);
+                    meter.update(position);
+                }
+                Piece::End(measured) => break measured,
             }
         };
-        meter.finish_phase(size);
+        // The head always comes before the end, so the sink exists.
+        let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
+        sink.finish()?;
+        meter.finish_phase(measured.size);
         Ok(Streamed {
-            head,
-            size,
-            sha256: hex::encode(hasher.finalize()),
-            zeroed,
+            head: measured.head,
+            size: measured.size,
+            sha256: measured.sha256,
+            zeroed: sink.zeroed_bytes(),
+            written,
         })
     }
 
@@ -342,17 +348,14 @@ impl<'t> Job<'t> {
         ))
     }
 
-    /// Reads everything written back and compares its hash with the image's.
+    /// Reads everything written back, several reads in flight, and checks
+    /// each chunk against what was recorded from the hashed bytes: with the
+    /// SHA-256 matched, the disk then holds the bytes that hashed to it.
     fn read_back(&self, streamed: &Streamed, meter: &mut ProgressMeter<'_>) -> Result<()> {
         meter.phase(Phase::Verifying, Some(streamed.size));
-        let head = &streamed.head;
-        let on_disk = readback::hash_written_image(self.target, head, streamed.size, meter)?;
-        if on_disk != streamed.sha256 {
-            return Err(Error::ReadbackMismatch(format!(
-                "the target reads back as sha256 {on_disk}, the image is {}",
-                streamed.sha256
-            )));
-        }
+        let head_len = streamed.head.len() as u64;
+        streamed.written.verify(self.target, meter, head_len)?;
+        meter.finish_phase(streamed.size);
         Ok(())
     }
 
@@ -388,9 +391,10 @@ impl<'t> Job<'t> {
         self.target.sync()?;
         let written = beyond.iter().map(|(o, b)| (*o, b.as_slice()));
         for (offset, bytes) in written.chain([(0, head.as_slice())]) {
-            if !readback::matches(self.target, offset, bytes)? {
+            if let Some(at) = readback::first_difference(self.target, offset, bytes)? {
                 return Err(Error::ReadbackMismatch(format!(
-                    "the partition table written at byte {offset} reads back differently"
+                    "{} reads back differently at byte {at}",
+                    describe_commit_bytes(at, self.saved.sector_size(), disk_size)
                 )));
             }
         }
@@ -437,14 +441,52 @@ impl<'t> Job<'t> {
             code = %cause.code(),
             "write failed; resetting the partition table to the saved partitions"
         );
-        let reset = self
-            .saved
-            .saved_only_table(self.target.size())
-            .and_then(|table| self.write_table(&table))
-            .and_then(|()| self.target.sync());
-        if let Err(err) = reset {
-            tracing::error!(%err, "could not reset the partition table after the failure");
+        let table = match self.saved.saved_only_table(self.target.size()) {
+            Ok(table) => table,
+            Err(err) => {
+                tracing::error!(%err, "could not build the saved-only partition table after the failure");
+                return;
+            }
+        };
+        let report = reset::reset_to_saved_only(self.target, &table);
+        for (copy, outcome) in report.copies() {
+            match outcome {
+                CopyOutcome::Reset => {}
+                CopyOutcome::Spoiled { write } => tracing::warn!(
+                    %copy,
+                    %write,
+                    "the {copy} partition table could not be reset to the saved partitions; its header was zeroed, so it reads as no table"
+                ),
+                CopyOutcome::Unwritable { write, spoil } => tracing::error!(
+                    %copy,
+                    %write,
+                    %spoil,
+                    "the {copy} partition table could neither be reset to the saved partitions nor spoiled: it holds what it held before the reset"
+                ),
+            }
         }
+        if let Err(err) = &report.synced {
+            tracing::error!(%err, "the reset partition table may not be durable: the fsync after it failed");
+        }
+    }
+}
+
+/// What the commit wrote at byte `at` of a disk of `disk_size` bytes: the
+/// first MiB is the MBR and primary table, then the image's own bytes up to
+/// 1 MiB (the gap before the first partition); the end holds the backup.
+fn describe_commit_bytes(at: u64, sector_size: u64, disk_size: u64) -> &'static str {
+    // A GPT's entries take 16 KiB whatever the sector size.
+    let primary_end = 2 * sector_size + 16 * 1024;
+    if at < 512 {
+        "the protective MBR (with the image's boot code)"
+    } else if at < primary_end {
+        "the primary partition table"
+    } else if at < HEAD_LEN as u64 {
+        "the image's bytes between the partition table and 1 MiB"
+    } else if at + 16 * 1024 + sector_size >= disk_size {
+        "the backup partition table at the end of the disk"
+    } else {
+        "the partition table"
     }
 }
 
@@ -494,5 +536,21 @@ pub(crate) fn check_image(size: u64, sha256: &str, image: &ImageRequest) -> Resu
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_mismatch_names_the_part_of_the_disk_it_is_in() {
+        let disk = 64 << 20;
+        assert!(describe_commit_bytes(100, 512, disk).contains("MBR"));
+        assert!(describe_commit_bytes(600, 512, disk).contains("primary partition table"));
+        assert!(describe_commit_bytes(17_000, 512, disk).contains("primary partition table"));
+        let gap = describe_commit_bytes(300_000, 512, disk);
+        assert!(gap.starts_with("the image's bytes"), "{gap}");
+        assert!(describe_commit_bytes(disk - 100, 512, disk).contains("backup"));
     }
 }

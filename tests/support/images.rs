@@ -148,6 +148,39 @@ pub fn partition_labels(path: &Path) -> Vec<(u32, String)> {
     }
 }
 
+/// One copy of a disk's GPT, read on its own (gptman's `read_from` falls
+/// back to the backup when the primary is invalid, hiding which is which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    Primary,
+    Backup,
+}
+
+/// The labels of the used entries of one GPT copy on `path`, in index
+/// order; `None` when that copy is not a valid table.
+pub fn table_copy_labels(path: &Path, copy: Copy) -> Option<Vec<String>> {
+    use gptman::GPTHeader;
+    let mut disk = fs::File::open(path).ok()?;
+    let len = disk.seek(SeekFrom::End(0)).ok()?;
+    let header_lba = match copy {
+        Copy::Primary => 1,
+        Copy::Backup => len / SECTOR - 1,
+    };
+    disk.seek(SeekFrom::Start(header_lba * SECTOR)).ok()?;
+    let header = GPTHeader::read_from(&mut disk).ok()?;
+    if header.primary_lba != header_lba {
+        return None;
+    }
+    let entries = header.read_partitions(&mut disk, SECTOR).ok()?;
+    Some(
+        entries
+            .iter()
+            .filter(|e| e.is_used())
+            .map(|e| e.partition_name.as_str().to_string())
+            .collect(),
+    )
+}
+
 /// Just the labels of [`partition_labels`], in index order.
 pub fn labels(path: &Path) -> Vec<String> {
     partition_labels(path).into_iter().map(|(_, l)| l).collect()

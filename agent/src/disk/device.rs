@@ -332,7 +332,7 @@ impl Target {
         }
         let failed = |e: io::Error| Error::DiskWriteFailed {
             context: format!(
-                "zeroing {len} bytes at offset {offset} of {}",
+                "zeros over {len} bytes at offset {offset} of {}",
                 self.path.display()
             ),
             source: e,
@@ -363,7 +363,7 @@ impl Target {
     /// Both descriptors share one inode, so one fsync covers both.
     pub fn sync(&self) -> Result<()> {
         self.primary.sync_all().map_err(|e| Error::DiskWriteFailed {
-            context: format!("syncing {}", self.path.display()),
+            context: format!("{} to stable storage (fsync)", self.path.display()),
             source: e,
         })
     }

@@ -12,6 +12,25 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 /// Offset of the MBR partition records; bytes before it are boot code.
 pub const MBR_BOOT_CODE_LEN: usize = 446;
 
+/// One of the two copies of a GPT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableCopy {
+    /// Header at LBA 1, entries after it.
+    Primary,
+    /// Entries and header at the end of the disk; firmware and `gdisk` fall
+    /// back to it when the primary is unreadable.
+    Backup,
+}
+
+impl std::fmt::Display for TableCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TableCopy::Primary => "primary",
+            TableCopy::Backup => "backup",
+        })
+    }
+}
+
 /// The sectors of a rendered partition table: protective MBR, primary header
 /// and entries at the start of the disk, backup entries and header at its end.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +53,36 @@ impl TableSectors {
             }
         }
         runs
+    }
+
+    /// The runs of one copy of the table: the primary copy (protective MBR,
+    /// header, entries) lies in the first MiB, the backup copy at the end.
+    pub fn copy_runs(&self, copy: TableCopy) -> Vec<(u64, Vec<u8>)> {
+        let in_head = |offset: u64| offset < crate::disk::HEAD_LEN as u64;
+        self.runs()
+            .into_iter()
+            .filter(|(offset, _)| in_head(*offset) == (copy == TableCopy::Primary))
+            .collect()
+    }
+
+    /// The LBA of one copy's header: LBA 1 for the primary, the last
+    /// rendered sector for the backup; `None` if the copy was not rendered.
+    pub fn header_lba(&self, copy: TableCopy) -> Option<u64> {
+        let head_lbas = crate::disk::HEAD_LEN as u64 / self.sector_size;
+        match copy {
+            TableCopy::Primary => self.sectors.contains_key(&1).then_some(1),
+            TableCopy::Backup => self
+                .sectors
+                .keys()
+                .next_back()
+                .copied()
+                .filter(|lba| *lba >= head_lbas),
+        }
+    }
+
+    /// Bytes per sector of the table.
+    pub fn sector_size(&self) -> u64 {
+        self.sector_size
     }
 
     /// The sectors rendered, by LBA.
@@ -268,6 +317,35 @@ mod tests {
         let back = gptman::GPT::read_from(&mut io::Cursor::new(image), 512).expect("reads");
         assert_eq!(back[1].partition_name.as_str(), "root");
         assert_eq!(back.header.backup_lba, 64 * MIB / 512 - 1);
+    }
+
+    #[test]
+    fn the_two_copies_are_told_apart_with_their_headers() {
+        let mut disk = SparseDisk::new(64 * MIB, 512);
+        let mut gpt = gptman::GPT::new_from(&mut disk, 512, [7; 16]).expect("new table");
+        let sectors = render(&mut gpt, 64 * MIB, None).expect("renders");
+        let primary = sectors.copy_runs(TableCopy::Primary);
+        let backup = sectors.copy_runs(TableCopy::Backup);
+        assert_eq!(primary.len(), 1);
+        assert_eq!(primary[0].0, 0, "MBR, header and entries from byte 0");
+        assert_eq!(backup.len(), 1);
+        let (offset, bytes) = &backup[0];
+        assert_eq!(
+            offset + bytes.len() as u64,
+            64 * MIB,
+            "backup ends the disk"
+        );
+        assert_eq!(sectors.header_lba(TableCopy::Primary), Some(1));
+        assert_eq!(
+            sectors.header_lba(TableCopy::Backup),
+            Some(64 * MIB / 512 - 1)
+        );
+        let last = &bytes[bytes.len() - 512..];
+        assert_eq!(
+            &last[..8],
+            b"EFI PART",
+            "the backup header is its last sector"
+        );
     }
 
     #[test]

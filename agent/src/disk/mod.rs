@@ -6,6 +6,7 @@ pub mod device;
 pub mod filesystem;
 pub mod gpt;
 pub mod readback;
+pub mod reset;
 pub mod saved;
 pub mod sink;
 

@@ -1,46 +1,258 @@
-//! Read-back verification: what the disk holds, hashed from the disk itself.
+//! Read-back verification: the disk holds the bytes that were hashed.
+//!
+//! While streaming, each chunk written is recorded from the very buffer the
+//! SHA-256 measured: as all zeros, or by its BLAKE3 digest (32 bytes per
+//! 4 MiB). After the last write and fsync the image extent is read back with
+//! several O_DIRECT reads in flight, each chunk checked against its record
+//! on the thread that read it. So the read-back costs the reads, not a
+//! second SHA-256 pass on one thread; and it still reads everything, so it
+//! also catches a write that landed somewhere else.
 
-use crate::Result;
 use crate::disk::aligned::AlignedBuf;
 use crate::disk::device::Target;
+use crate::disk::sink::is_zero;
 use crate::progress::ProgressMeter;
-use sha2::{Digest, Sha256};
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 
-/// Read-back buffer: large O_DIRECT reads.
-const READ_CHUNK: usize = 4 << 20;
+/// Reads in flight while reading back: enough to keep a disk's queue busy,
+/// and each reader checks what it read while the others wait on the disk.
+pub const READS_IN_FLIGHT: usize = 4;
 
-/// Hashes `head` (the image's held first bytes, not yet on the disk)
-/// followed by the target's bytes `[head.len(), size)`, read with O_DIRECT
-/// so the page cache cannot answer for the disk.
-pub fn hash_written_image(
-    target: &Target,
-    head: &[u8],
-    size: u64,
-    meter: &mut ProgressMeter<'_>,
-) -> Result<String> {
-    if !target.uses_direct_io() {
-        target.drop_caches()?;
-    }
-    let mut hasher = Sha256::new();
-    hasher.update(head);
-    let mut buffer = AlignedBuf::new(READ_CHUNK);
-    let mut offset = head.len() as u64;
-    while offset < size {
-        let n = (size - offset).min(READ_CHUNK as u64) as usize;
-        buffer.set_len(n);
-        target.read_at(&mut buffer[..n], offset)?;
-        hasher.update(&buffer[..n]);
-        offset += n as u64;
-        meter.update(offset);
-    }
-    meter.finish_phase(size);
-    Ok(hex::encode(hasher.finalize()))
+/// What one written chunk must read back as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expected {
+    /// A zero run: zeroed on the disk, checked as zeros.
+    Zeros,
+    Digest(blake3::Hash),
 }
 
-/// Reads `expected.len()` bytes at `offset` back and says whether they match.
-pub fn matches(target: &Target, offset: u64, expected: &[u8]) -> Result<bool> {
+#[derive(Debug, Clone)]
+struct Chunk {
+    offset: u64,
+    len: usize,
+    expected: Expected,
+}
+
+/// The chunks written to the target, with what each must read back as.
+#[derive(Debug, Clone, Default)]
+pub struct WrittenChunks {
+    chunks: Vec<Chunk>,
+    largest: usize,
+}
+
+impl WrittenChunks {
+    /// No chunks yet.
+    pub fn new() -> Self {
+        WrittenChunks::default()
+    }
+
+    /// Records `data`, just written at `offset` of the target.
+    pub fn record(&mut self, offset: u64, data: &[u8]) {
+        // Block by block, so a chunk of data stops at its first block.
+        let expected = if data.chunks(4096).all(is_zero) {
+            Expected::Zeros
+        } else {
+            Expected::Digest(blake3::hash(data))
+        };
+        self.largest = self.largest.max(data.len());
+        self.chunks.push(Chunk {
+            offset,
+            len: data.len(),
+            expected,
+        });
+    }
+
+    /// Bytes recorded.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len as u64).sum()
+    }
+
+    /// Reads every recorded chunk back from `target`, [`READS_IN_FLIGHT`] at
+    /// a time, and checks it. Progress goes to `meter`, counted on from
+    /// `done_before`. The first failure is returned: `DiskReadFailed`
+    /// naming the offset, or `ReadbackMismatch` naming the bytes.
+    pub fn verify(
+        &self,
+        target: &Target,
+        meter: &mut ProgressMeter<'_>,
+        done_before: u64,
+    ) -> Result<()> {
+        if !target.uses_direct_io() {
+            // Buffered: the page cache would answer for the disk.
+            target.drop_caches()?;
+        }
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (checked_tx, checked) = mpsc::channel::<Result<usize>>();
+        std::thread::scope(|scope| {
+            let mut first_error = None;
+            for _ in 0..READS_IN_FLIGHT.min(self.chunks.len()) {
+                let checked_tx = checked_tx.clone();
+                let (next, stop) = (&next, &stop);
+                let reader = move || {
+                    let mut buffer = AlignedBuf::new(self.largest);
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(chunk) = self.chunks.get(next.fetch_add(1, Ordering::Relaxed))
+                        else {
+                            break;
+                        };
+                        let result = check(target, chunk, &mut buffer).map(|()| chunk.len);
+                        if checked_tx.send(result).is_err() {
+                            break;
+                        }
+                    }
+                };
+                let spawned = std::thread::Builder::new()
+                    .name("read-back".into())
+                    .spawn_scoped(scope, reader);
+                if let Err(e) = spawned {
+                    stop.store(true, Ordering::Relaxed);
+                    first_error = Some(Error::io("starting a read-back thread", e));
+                    break;
+                }
+            }
+            drop(checked_tx);
+            let mut done = done_before;
+            for result in checked {
+                match result {
+                    Ok(len) => {
+                        done += len as u64;
+                        meter.update(done);
+                    }
+                    Err(err) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+}
+
+/// Reads `chunk` back into `buffer` and checks it against its record.
+fn check(target: &Target, chunk: &Chunk, buffer: &mut AlignedBuf) -> Result<()> {
+    buffer.set_len(chunk.len);
+    target.read_at(&mut buffer[..], chunk.offset)?;
+    let matches = match chunk.expected {
+        Expected::Zeros => buffer.chunks(4096).all(is_zero),
+        Expected::Digest(digest) => blake3::hash(buffer) == digest,
+    };
+    if matches {
+        return Ok(());
+    }
+    Err(Error::ReadbackMismatch(format!(
+        "bytes {}..{} of {} read back differently from the image {} written there",
+        chunk.offset,
+        chunk.offset + chunk.len as u64,
+        target.path().display(),
+        match chunk.expected {
+            Expected::Zeros => "zeros",
+            Expected::Digest(_) => "bytes",
+        }
+    )))
+}
+
+/// Reads `expected.len()` bytes at `offset` back; returns the disk offset of
+/// the first byte that differs, `None` when all match.
+pub fn first_difference(target: &Target, offset: u64, expected: &[u8]) -> Result<Option<u64>> {
     let mut buffer = AlignedBuf::new(expected.len());
     buffer.set_len(expected.len());
     target.read_at(&mut buffer[..], offset)?;
-    Ok(buffer[..] == *expected)
+    Ok(buffer
+        .iter()
+        .zip(expected)
+        .position(|(back, want)| back != want)
+        .map(|at| offset + at as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const MIB: usize = 1 << 20;
+
+    /// A target file holding `bytes`, and chunks recorded from `bytes` in
+    /// 1 MiB pieces from 1 MiB on.
+    fn written(bytes: &[u8]) -> (tempfile::TempDir, Target, WrittenChunks) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        fs::write(&path, bytes).expect("target");
+        let target = Target::open_for_write(&path).expect("opens");
+        let mut chunks = WrittenChunks::new();
+        for (i, piece) in bytes.chunks(MIB).enumerate().skip(1) {
+            chunks.record((i * MIB) as u64, piece);
+        }
+        (dir, target, chunks)
+    }
+
+    fn image() -> Vec<u8> {
+        let mut bytes = vec![0u8; 9 * MIB + 1000];
+        fastrand::Rng::with_seed(3).fill(&mut bytes[..4 * MIB]);
+        fastrand::Rng::with_seed(4).fill(&mut bytes[8 * MIB..]);
+        bytes
+    }
+
+    #[test]
+    fn what_was_written_verifies_zero_runs_included() {
+        let bytes = image();
+        let (_dir, target, chunks) = written(&bytes);
+        assert_eq!(chunks.bytes(), (bytes.len() - MIB) as u64);
+        let zero_chunks = chunks
+            .chunks
+            .iter()
+            .filter(|c| c.expected == Expected::Zeros);
+        assert_eq!(zero_chunks.count(), 4, "MiB 4 to 8 are zeros");
+        let mut seen = Vec::new();
+        {
+            let mut report = |p: &reimage_protocol::WriteProgress| seen.push(p.bytes_written);
+            let mut meter = ProgressMeter::new(&mut report);
+            chunks
+                .verify(&target, &mut meter, MIB as u64)
+                .expect("verifies");
+        }
+        assert!(seen.iter().all(|&b| b >= MIB as u64), "{seen:?}");
+    }
+
+    #[test]
+    fn one_changed_byte_in_data_or_in_a_zero_run_is_a_mismatch_naming_the_chunk() {
+        for at in [2 * MIB + 17, 5 * MIB + 4095, 9 * MIB + 999] {
+            let bytes = image();
+            let (_dir, target, chunks) = written(&bytes);
+            target
+                .write_at(&[bytes[at] ^ 0x20], at as u64)
+                .expect("corrupts");
+            let mut report = |_: &reimage_protocol::WriteProgress| {};
+            let mut meter = ProgressMeter::new(&mut report);
+            let err = chunks
+                .verify(&target, &mut meter, 0)
+                .expect_err("the change is seen");
+            assert_eq!(err.code(), "ReadbackMismatch", "{err}");
+            let start = at / MIB * MIB;
+            assert!(
+                err.to_string().contains(&format!("bytes {start}..")),
+                "names the chunk holding byte {at}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_read_past_the_end_fails_with_disk_read_failed() {
+        let bytes = image();
+        let (_dir, target, mut chunks) = written(&bytes);
+        chunks.record(bytes.len() as u64, &[1; 4096]);
+        let mut report = |_: &reimage_protocol::WriteProgress| {};
+        let mut meter = ProgressMeter::new(&mut report);
+        let err = chunks
+            .verify(&target, &mut meter, 0)
+            .expect_err("past the end");
+        assert_eq!(err.code(), "DiskReadFailed", "{err}");
+        assert!(
+            err.to_string().contains(&format!("offset {}", bytes.len())),
+            "{err}"
+        );
+    }
 }

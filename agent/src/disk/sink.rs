@@ -167,7 +167,7 @@ fn runs(data: &[u8]) -> Vec<Run> {
 
 /// Whether a block is all zeros. Folds 16-byte words without an early
 /// exit so the loop vectorises.
-fn is_zero(block: &[u8]) -> bool {
+pub(crate) fn is_zero(block: &[u8]) -> bool {
     let (words, tail) = block.as_chunks::<16>();
     words
         .iter()

@@ -11,6 +11,7 @@
 
 use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::decode;
+use crate::image::measure::measure_to_end;
 use crate::image::source::Source;
 use crate::pipeline::{self, ImageRequest};
 use crate::progress::ProgressMeter;
@@ -173,44 +174,18 @@ fn stage_and_verify(
     let (format, mut decoded) = decode::open_decoder(tee)?;
     pipeline::check_format(image, format)?;
     meter.phase(Phase::Staging, image.size);
-    let mut hasher = Sha256::new();
-    let mut head = Vec::with_capacity(crate::disk::HEAD_LEN);
-    let mut size = 0u64;
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = decoded
-            .read(&mut buffer)
-            .map_err(|e| Error::from_io(e, "decoding the image"))?;
-        if n == 0 {
-            break;
-        }
-        let chunk = &buffer[..n];
-        hasher.update(chunk);
-        let held = (crate::disk::HEAD_LEN - head.len()).min(n);
-        head.extend_from_slice(&chunk[..held]);
-        size += n as u64;
-        if let Some(expected) = image.size
-            && size > expected
-        {
-            return Err(Error::ImageSizeMismatch {
-                expected,
-                actual: size,
-            });
-        }
-        meter.update(size);
-    }
-    meter.finish_phase(size);
-    let sha256 = hex::encode(hasher.finalize());
-    pipeline::check_image(size, &sha256, image)?;
+    let measured = measure_to_end(&mut decoded, image.size, &mut |size| meter.update(size))?;
+    meter.finish_phase(measured.size);
+    pipeline::check_image(measured.size, &measured.sha256, image)?;
     // The decoder read its input to the end (trailing data is refused), so
     // the staged file holds the whole stream: flush and persist it.
     drop(decoded);
     sync_file(dest)?;
     Ok(Decoded {
         format,
-        size,
-        sha256,
-        head,
+        size: measured.size,
+        sha256: measured.sha256,
+        head: measured.head,
     })
 }
 

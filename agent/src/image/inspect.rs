@@ -1,16 +1,15 @@
 //! `image inspect`: what an image is, decoded in full: format, sizes,
 //! SHA-256 and the partition table inside.
 
-use crate::disk::HEAD_LEN;
+use crate::Result;
 use crate::disk::gpt::format_guid;
 use crate::image::decode;
 use crate::image::http::HttpOptions;
+use crate::image::measure::measure_to_end;
 use crate::image::source::{self, Location};
-use crate::{Error, Result};
 use reimage_protocol::ImageFormat;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 
 /// The facts `image inspect` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -53,29 +52,14 @@ pub fn inspect(location: &Location, options: &HttpOptions) -> Result<ImageInfo> 
     let source = source::open(location, options)?;
     let encoded_size = source.length;
     let (format, mut decoded) = decode::open_decoder(source.reader)?;
-    let mut hasher = Sha256::new();
-    let mut head = Vec::with_capacity(HEAD_LEN);
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match decoded.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::from_io(e, "reading the image")),
-        };
-        hasher.update(&buffer[..n]);
-        let held = (HEAD_LEN - head.len()).min(n);
-        head.extend_from_slice(&buffer[..held]);
-        size += n as u64;
-    }
+    let measured = measure_to_end(&mut decoded, None, &mut |_| {})?;
     Ok(ImageInfo {
         location: location.to_string(),
         format,
         encoded_size,
-        size,
-        sha256: hex::encode(hasher.finalize()),
-        partition_table: read_table(&head),
+        size: measured.size,
+        partition_table: read_table(&measured.head),
+        sha256: measured.sha256,
     })
 }
 

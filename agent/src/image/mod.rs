@@ -6,6 +6,7 @@ pub mod digest;
 pub mod http;
 pub mod inspect;
 pub mod manifest;
+pub mod measure;
 pub mod pack;
 pub mod signing;
 pub mod source;
