@@ -298,7 +298,11 @@ impl<'t> Job<'t> {
         let measured = loop {
             let piece = pieces.next_piece().ok_or_else(stream_cut_off)??;
             match piece {
-                Piece::Head(head) => sink = Some(self.prepare(&head, expected_size)?),
+                Piece::Head(head) => {
+                    self.check_merge(&head, expected_size)?;
+                    self.reset_table_before_writing()?;
+                    sink = Some(self.sink());
+                }
                 Piece::Chunk(chunk) => {
                     let held = (HEAD_LEN as u64).saturating_sub(position);
                     let held = held.min(chunk.len() as u64) as usize;
@@ -327,25 +331,38 @@ impl<'t> Job<'t> {
         })
     }
 
-    /// Runs once the head is known, before the first byte is written: the
-    /// merge is tried in memory (a merge that cannot work fails here), then
-    /// the table is reset to the saved partitions only.
-    fn prepare(&self, head: &[u8], expected_size: Option<u64>) -> Result<DiskSink<'t>> {
+    /// Runs once the head is known, before anything is written: a merge of
+    /// the image's table with the saved partitions that cannot work fails
+    /// here, with the disk untouched.
+    fn check_merge(&self, head: &[u8], expected_size: Option<u64>) -> Result<()> {
         let capacity = (!self.growable).then(|| self.target.size());
         if let Some(disk_size) = capacity.or(expected_size) {
             self.saved.merge_with_image(head, disk_size)?;
         }
-        if !self.growable {
-            self.touched.set(true);
-            self.write_table(&self.saved.saved_only_table(self.target.size())?)?;
-            self.target.sync()?;
+        Ok(())
+    }
+
+    /// The first write: the table is reset to the saved partitions only, so
+    /// nothing that follows can be found or booted until the commit. A file
+    /// that grows has no table to reset.
+    fn reset_table_before_writing(&self) -> Result<()> {
+        if self.growable {
+            return Ok(());
         }
-        Ok(DiskSink::new(
+        self.touched.set(true);
+        self.write_table(&self.saved.saved_only_table(self.target.size())?)?;
+        self.target.sync()
+    }
+
+    /// The sink for the image's bytes past the held head.
+    fn sink(&self) -> DiskSink<'t> {
+        let capacity = (!self.growable).then(|| self.target.size());
+        DiskSink::new(
             self.target,
             HEAD_LEN as u64,
             self.saved.protected_ranges(),
             capacity,
-        ))
+        )
     }
 
     /// Reads everything written back, several reads in flight, and checks
