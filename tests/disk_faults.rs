@@ -120,6 +120,17 @@ impl Lab {
         );
     }
 
+    /// Each copy of `copies` is the saved-only table.
+    fn assert_saved_only_table(&self, copies: &[Copy]) {
+        for &copy in copies {
+            assert_eq!(
+                table_copy_labels(self.backing(), copy),
+                Some(vec!["local-storage".into()]),
+                "the {copy:?} table"
+            );
+        }
+    }
+
     /// Each GPT copy is the old table (only while the image extent is
     /// untouched), the saved-only one, or no table; never the image's; and
     /// at least one valid copy still lists local-storage.
@@ -193,14 +204,7 @@ fn an_eio_writing_inside_the_image_fails_with_disk_write_failed_and_the_saved_on
     let error = lab.assert_failed_with(&output, "DiskWriteFailed");
     assert_names(&error, bad);
     assert!(lab.disk.failures().1 > 0, "the fault fired");
-    assert_eq!(
-        table_copy_labels(lab.backing(), Copy::Primary),
-        Some(vec!["local-storage".into()])
-    );
-    assert_eq!(
-        table_copy_labels(lab.backing(), Copy::Backup),
-        Some(vec!["local-storage".into()])
-    );
+    lab.assert_saved_only_table(&[Copy::Primary, Copy::Backup]);
     lab.assert_no_table_of_the_image();
 }
 
@@ -218,14 +222,7 @@ fn an_eio_reading_back_fails_with_disk_read_failed_and_the_saved_only_table() {
     let error = lab.assert_failed_with(&output, "DiskReadFailed");
     assert_names(&error, bad);
     assert!(lab.disk.failures().0 > 0, "the fault fired");
-    assert_eq!(
-        table_copy_labels(lab.backing(), Copy::Primary),
-        Some(vec!["local-storage".into()])
-    );
-    assert_eq!(
-        table_copy_labels(lab.backing(), Copy::Backup),
-        Some(vec!["local-storage".into()])
-    );
+    lab.assert_saved_only_table(&[Copy::Primary, Copy::Backup]);
     lab.assert_no_table_of_the_image();
 }
 
