@@ -144,15 +144,16 @@ class AgentClient:
 def run_module(module, run):
     """Ends the module with the result of ``run(client)``, or with the
     agent's error code and message when it raises :class:`AgentError`."""
+    result, failure = None, None
     try:
         result = run(AgentClient(module))
     except AgentError as err:
         failure = err
-    else:
-        module.exit_json(**result)
     # Outside the except block: there fail_json would report the agent's
     # refusal as a crash of the module, with a traceback.
-    module.fail_json(msg=str(failure), code=failure.code, status=failure.status)
+    if failure is not None:
+        module.fail_json(msg=str(failure), code=failure.code, status=failure.status)
+    module.exit_json(**result)
 
 
 def decode(text):

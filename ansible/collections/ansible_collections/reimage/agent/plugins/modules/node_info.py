@@ -11,7 +11,7 @@ description:
     the image it runs, its disk and saved partitions.
   - Optionally also the node's operations (C(GET /v1/operations)) and tasks (C(GET /v1/tasks)).
   - Never changes anything. A C(reader) token is enough.
-author: reimage-agent maintainers
+author: reimage-agent maintainers (@reimage-agent)
 extends_documentation_fragment:
   - reimage.agent.agent
 attributes:
@@ -20,6 +20,7 @@ attributes:
     description: The module only reads.
   diff_mode:
     support: none
+    description: The module reports no diff.
 options:
   operations:
     description:

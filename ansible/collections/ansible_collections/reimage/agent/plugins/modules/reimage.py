@@ -15,7 +15,7 @@ description:
   - A reimage of the target image already in flight on the node (an earlier run that was cut off) is
     followed instead of requesting a second one; without a known target image, any reimage in flight is.
   - Fails with the agent's error code and message when the agent refuses the request or the operation fails.
-author: reimage-agent maintainers
+author: reimage-agent maintainers (@reimage-agent)
 extends_documentation_fragment:
   - reimage.agent.agent
 attributes:
@@ -24,6 +24,7 @@ attributes:
     description: Reports whether the node would be reimaged, without requesting it.
   diff_mode:
     support: none
+    description: The module reports no diff.
 options:
   option:
     description:

@@ -11,7 +11,7 @@ description:
     enables it again (C(POST /v1/node/enablescheduling)).
   - Idempotent by the node's C(schedulingState), so nothing is requested when it already is as asked.
   - Needs an C(operator) token.
-author: reimage-agent maintainers
+author: reimage-agent maintainers (@reimage-agent)
 extends_documentation_fragment:
   - reimage.agent.agent
 attributes:
@@ -20,6 +20,7 @@ attributes:
     description: Reports whether the scheduling state would change.
   diff_mode:
     support: none
+    description: The module reports no diff.
 options:
   state:
     description:

@@ -14,7 +14,7 @@ description:
   - A task cannot be changed once added. When the task O(id) exists with another command line or
     environment the module fails (code C(TaskExists)); delete it first with O(state=absent).
   - Needs an C(operator) token, an C(admin) token for O(elevation_level=admin).
-author: reimage-agent maintainers
+author: reimage-agent maintainers (@reimage-agent)
 extends_documentation_fragment:
   - reimage.agent.agent
 attributes:
@@ -23,6 +23,7 @@ attributes:
     description: Reports whether the task would be added or deleted.
   diff_mode:
     support: none
+    description: The module reports no diff.
 options:
   id:
     description:
