@@ -311,8 +311,20 @@ async fn the_kill_grace_lets_a_term_trap_finish() {
         Requester::Operator,
     )
     .expect("added");
-    // Two processes mean the trap is set: it comes before the sleep.
-    running_group(&m, "trap", 2).await;
+    // Two processes mean the trap is set: it comes before the sleep. The
+    // second one is `sleep` only once it has exec'd: a SIGTERM that meets
+    // the forked shell before that is taken by the trap it inherited and
+    // lost, and the sleep would outlive it to the end of the grace.
+    let pgid = running_group(&m, "trap", 2).await;
+    poll_until("the sleep exec'd", || {
+        procfs::process::all_processes().is_ok_and(|mut all| {
+            all.any(|p| {
+                p.and_then(|p| p.stat())
+                    .is_ok_and(|stat| stat.pgrp == pgid && stat.comm == "sleep")
+            })
+        })
+    })
+    .await;
 
     let began = std::time::Instant::now();
     assert_eq!(m.stop_running(StopMode::Terminate).await, vec!["trap"]);
