@@ -68,16 +68,7 @@ impl Node {
         if let Some(retention) = retention {
             body["constraints"] = json!({"retentionTime": retention});
         }
-        let (status, body) = self.daemon.post("/v1/tasks", OPERATOR, body);
-        assert_eq!(status, 201, "task added: {body}");
-    }
-
-    fn wait_task(&self, id: &str, state: &str) -> Value {
-        self.daemon.wait_for(
-            &format!("task {id} {state}"),
-            &format!("/v1/tasks/{id}"),
-            |t| t["state"] == state,
-        )
+        self.daemon.add_task(body);
     }
 
     fn assert_storage_intact(&self) {
@@ -97,14 +88,14 @@ impl Node {
 fn requeue_stops_running_tasks_and_runs_them_again_on_the_new_image() {
     let node = node();
     node.add_task("long", "echo started >> runs.txt; sleep 1000", None);
-    node.wait_task("long", "running");
+    node.daemon.wait_task("long", "running");
     let op = node.reimage("requeue");
     let done = node.daemon.wait_operation(&op);
     assert_eq!(done["status"], "Succeeded", "{done}");
     assert_eq!(done["requeuedTasks"], json!(["long"]));
     assert_eq!(done["kind"], "reimage");
     node.assert_new_image();
-    let task = node.wait_task("long", "running");
+    let task = node.daemon.wait_task("long", "running");
     assert_eq!(task["executionInfo"]["requeueCount"], 1, "{task}");
     let nodeinfo = node.daemon.get("/v1/node");
     assert_eq!(nodeinfo["image"]["sha256"], node.image_sha.as_str());
@@ -115,7 +106,7 @@ fn requeue_stops_running_tasks_and_runs_them_again_on_the_new_image() {
 fn terminate_completes_running_tasks_with_a_failure() {
     let node = node();
     node.add_task("long", "sleep 1000", None);
-    node.wait_task("long", "running");
+    node.daemon.wait_task("long", "running");
     let op = node.reimage("terminate");
     let done = node.daemon.wait_operation(&op);
     assert_eq!(done["status"], "Succeeded", "{done}");
@@ -134,7 +125,7 @@ fn terminate_completes_running_tasks_with_a_failure() {
 fn taskcompletion_waits_for_running_tasks_and_refuses_new_ones() {
     let node = node();
     node.add_task("short", "sleep 3; echo done", None);
-    node.wait_task("short", "running");
+    node.daemon.wait_task("short", "running");
     let op = node.reimage("taskcompletion");
     let waiting = node
         .daemon
@@ -181,7 +172,7 @@ fn taskcompletion_waits_for_running_tasks_and_refuses_new_ones() {
 fn retaineddata_also_waits_for_retention_to_expire() {
     let node = node();
     node.add_task("kept", "echo result > out.txt", Some("PT3S"));
-    let task = node.wait_task("kept", "completed");
+    let task = node.daemon.wait_task("kept", "completed");
     assert!(task["retentionExpiry"].is_string(), "{task}");
     let op = node.reimage("retaineddata");
     node.daemon.wait_for(
@@ -585,7 +576,7 @@ fn bad_requests_get_the_error_body() {
 fn a_task_running_when_the_agent_is_killed_runs_again_after_restart() {
     let mut node = node();
     node.add_task("survivor", "echo run >> ../runs.txt; sleep 1000", None);
-    node.wait_task("survivor", "running");
+    node.daemon.wait_task("survivor", "running");
     node.daemon.kill9_and_restart();
     let task = node
         .daemon
@@ -627,7 +618,7 @@ fn an_operation_cut_off_mid_write_is_failed_with_a_reason_after_restart() {
 fn kill_9_while_waiting_for_tasks_resumes_the_wait_and_runs_no_task_twice() {
     let mut node = node();
     node.add_task("long", "echo run >> ../runs.txt; sleep 1000", None);
-    node.wait_task("long", "running");
+    node.daemon.wait_task("long", "running");
     let op = node.reimage("taskcompletion");
     node.daemon
         .wait_for("the wait", &format!("/v1/operations/{op}"), |o| {
@@ -691,7 +682,7 @@ fn kill_9_during_the_read_back_fails_the_operation_and_keeps_local_storage() {
 fn operations_and_tasks_survive_a_restart() {
     let mut node = node();
     node.add_task("quick", "true", None);
-    node.wait_task("quick", "completed");
+    node.daemon.wait_task("quick", "completed");
     let op = node.reimage("requeue");
     node.daemon.wait_operation(&op);
     let status = node.daemon.terminate();
@@ -721,7 +712,7 @@ fn disabling_scheduling_keeps_tasks_queued_until_enabled() {
         .daemon
         .post("/v1/node/enablescheduling", OPERATOR, json!({}));
     assert_eq!(status, 200);
-    node.wait_task("queued", "completed");
+    node.daemon.wait_task("queued", "completed");
 }
 
 /// `/metrics` as text.
@@ -800,9 +791,9 @@ fn metrics_count_what_happened_and_keep_it_after_the_operation_ends() {
     assert!(idle.contains("reimage_build_info{version="), "{idle}");
 
     node.add_task("m", "true", None);
-    node.wait_task("m", "completed");
+    node.daemon.wait_task("m", "completed");
     node.add_task("slow", "sleep 3", None);
-    node.wait_task("slow", "running");
+    node.daemon.wait_task("slow", "running");
     let body = json!({
         "nodeReimageOption": "taskcompletion",
         "image": {"url": node.server.url("/os.img.zst"), "sha256": node.image_sha},
@@ -895,7 +886,7 @@ fn metrics_count_what_happened_and_keep_it_after_the_operation_ends() {
 fn a_reboot_waiting_for_tasks_refuses_a_reimage_with_node_being_rebooted() {
     let node = node();
     node.add_task("busy", "sleep 3", None);
-    node.wait_task("busy", "running");
+    node.daemon.wait_task("busy", "running");
     let (status, body) = node.daemon.post(
         "/v1/node/reboot",
         ADMIN,
@@ -936,7 +927,7 @@ fn a_duplicate_task_id_is_a_conflict() {
 fn retention_timers_survive_a_restart() {
     let mut node = node();
     node.add_task("kept", "echo data > out.txt", Some("PT3S"));
-    node.wait_task("kept", "completed");
+    node.daemon.wait_task("kept", "completed");
     let (status, _, _) = node.daemon.request(
         Method::GET,
         "/v1/tasks/kept/files/stdout.txt",
@@ -1137,7 +1128,7 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
 fn every_route_refuses_missing_wrong_and_lesser_tokens_and_changes_nothing() {
     let node = node();
     node.add_task("guarded", "sleep 1000", None);
-    node.wait_task("guarded", "running");
+    node.daemon.wait_task("guarded", "running");
     let rank = |role: &str| {
         ["reader", "operator", "admin"]
             .iter()

@@ -130,17 +130,8 @@ impl Node {
     }
 
     fn add_task(&self, id: &str, command: &str) {
-        let body = json!({"id": id, "commandLine": command});
-        let (status, body) = self.daemon.post("/v1/tasks", OPERATOR, body);
-        assert_eq!(status, 201, "task added: {body}");
-    }
-
-    fn wait_task(&self, id: &str, state: &str) -> Value {
-        self.daemon.wait_for(
-            &format!("task {id} {state}"),
-            &format!("/v1/tasks/{id}"),
-            |t| t["state"] == state,
-        )
+        self.daemon
+            .add_task(json!({"id": id, "commandLine": command}));
     }
 }
 
@@ -170,7 +161,7 @@ fn wait_until(what: &str, check: impl Fn() -> bool) {
 fn a_reimage_after_a_prefetch_downloads_nothing_and_drops_the_copy() {
     let node = node();
     node.add_task("work", "sleep 1000");
-    node.wait_task("work", "running");
+    node.daemon.wait_task("work", "running");
     let op = node.prefetch(json!({"image": node.image("/os.img.zst", &node.image_sha)}));
     let done = node.daemon.wait_operation(&op);
     assert_eq!(done["status"], "Succeeded", "{done}");
@@ -212,7 +203,7 @@ fn a_reimage_after_a_prefetch_downloads_nothing_and_drops_the_copy() {
 fn a_prefetch_of_a_bad_image_fails_with_the_node_working_and_the_disk_untouched() {
     let node = node();
     node.add_task("work", "sleep 1000");
-    node.wait_task("work", "running");
+    node.daemon.wait_task("work", "running");
     let disk_before = node.disk_sha();
     let op = node.prefetch(json!({"image": node.image("/os.img.zst", &"0".repeat(64))}));
     let done = node.daemon.wait_operation(&op);
@@ -221,7 +212,7 @@ fn a_prefetch_of_a_bad_image_fails_with_the_node_working_and_the_disk_untouched(
     let info = node.daemon.get("/v1/node");
     assert_eq!(info["state"], "running", "{info}");
     assert_eq!(info["errors"], json!([]), "the node has no failure: {info}");
-    assert_eq!(node.wait_task("work", "running")["state"], "running");
+    assert_eq!(node.daemon.wait_task("work", "running")["state"], "running");
     assert_eq!(
         node.disk_sha(),
         disk_before,
@@ -241,7 +232,7 @@ fn a_taskcompletion_reimage_stages_its_image_before_the_task_ends() {
         "long",
         &format!("while [ ! -e {} ]; do sleep 0.1; done", release.display()),
     );
-    node.wait_task("long", "running");
+    node.daemon.wait_task("long", "running");
     let op = node.reimage("taskcompletion");
     wait_until("the image staged while the task runs", || {
         node.staged_shas().contains(&node.image_sha)
@@ -281,7 +272,7 @@ fn a_retaineddata_reimage_stages_its_image_while_retention_runs_out() {
     });
     let (status, body) = node.daemon.post("/v1/tasks", OPERATOR, body);
     assert_eq!(status, 201, "task added: {body}");
-    node.wait_task("kept", "completed");
+    node.daemon.wait_task("kept", "completed");
     let op = node.reimage("retaineddata");
     wait_until("the image staged while retention runs", || {
         node.staged_shas().contains(&node.image_sha)

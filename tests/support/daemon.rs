@@ -280,6 +280,21 @@ impl Daemon {
             |op| op["status"] != "InProgress",
         )
     }
+
+    /// Adds the task `body` with the operator's token; it must be accepted.
+    pub fn add_task(&self, body: Value) {
+        let (status, body) = self.post("/v1/tasks", OPERATOR, body);
+        assert_eq!(status, 201, "task added: {body}");
+    }
+
+    /// Waits until task `id` is in `state` and returns it.
+    pub fn wait_task(&self, id: &str, state: &str) -> Value {
+        self.wait_for(
+            &format!("task {id} {state}"),
+            &format!("/v1/tasks/{id}"),
+            |t| t["state"] == state,
+        )
+    }
 }
 
 impl Drop for Daemon {

@@ -361,6 +361,16 @@ mod tests {
         }
     }
 
+    /// The SHA-256 of each staged copy, as `list` orders them.
+    fn staged_shas(images: &StagedImages) -> Vec<String> {
+        images
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|i| i.sha256)
+            .collect()
+    }
+
     /// Stages `record`'s copy as a prefetch does: partial file, then commit.
     fn stage(images: &StagedImages, record: &StagedRecord) {
         let claim = images.claim(&record.info.sha256);
@@ -398,12 +408,7 @@ mod tests {
         images.touch(&sha(1)).expect("touch");
         let claim = images.claim(&sha(4));
         assert_eq!(claim.reserve(Some(2 * MIB)).expect("room made"), 2 * MIB);
-        let left: Vec<String> = images
-            .list()
-            .expect("list")
-            .into_iter()
-            .map(|i| i.sha256)
-            .collect();
+        let left = staged_shas(&images);
         assert_eq!(left, vec![sha(1)], "2 and 3 were used least recently");
     }
 
@@ -473,12 +478,7 @@ mod tests {
         let images = setup.open(10 * MIB);
         assert!(!partial.exists(), "the partial download is removed");
         assert!(!stray.exists(), "the unrecorded copy is removed");
-        let left: Vec<String> = images
-            .list()
-            .expect("list")
-            .into_iter()
-            .map(|i| i.sha256)
-            .collect();
+        let left = staged_shas(&images);
         assert_eq!(left, vec![sha(1)], "the lost copy is forgotten");
         assert!(dir.join(format!("{}.staged", sha(1))).exists());
     }
