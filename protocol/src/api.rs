@@ -187,8 +187,13 @@ pub struct ImageSpec {
     /// SHA-256 of the decoded image: 64 hex digits.
     #[cfg_attr(feature = "utoipa", schema(pattern = "^[0-9a-fA-F]{64}$"))]
     pub sha256: String,
-    /// Size of the decoded image in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Size of the decoded image in bytes (`4096.0` is taken as `4096`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option_u64"
+    )]
+    #[cfg_attr(feature = "utoipa", schema(maximum = 9007199254740991_u64))]
     pub size: Option<u64>,
 }
 

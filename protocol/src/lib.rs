@@ -10,6 +10,7 @@ pub mod error_code;
 pub mod manifest;
 pub mod progress;
 pub mod request_id;
+pub mod whole_number;
 mod wire_enum;
 
 pub use client::{Client, ClientError, KeepAlive, RetryPolicy, WaitEvent};

@@ -40,6 +40,7 @@ pub struct ImageManifest {
     pub name: String,
     pub url: String,
     pub format: ImageFormat,
+    #[serde(deserialize_with = "crate::whole_number::u64")]
     pub size: u64,
     pub sha256: String,
 }
