@@ -30,6 +30,8 @@ pub struct Metrics {
     pub bytes_downloaded: IntCounter,
     /// Bytes of images written to the target.
     pub bytes_written: IntCounter,
+    /// Bytes a write through a block index found on the target already.
+    pub bytes_unchanged: IntCounter,
     /// HTTP attempts that failed and were retried or resumed.
     pub http_retries: IntCounter,
     /// Writes whose read-back differed from what was written.
@@ -115,6 +117,10 @@ impl Metrics {
             bytes_written: counter(
                 "reimage_bytes_written_total",
                 "Bytes of images written to the target disk.",
+            ),
+            bytes_unchanged: counter(
+                "reimage_bytes_unchanged_total",
+                "Bytes a write through a block index found on the target already, neither fetched nor written.",
             ),
             http_retries: counter(
                 "reimage_http_retries_total",

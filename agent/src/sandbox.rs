@@ -162,7 +162,14 @@ fn create_image(packed: &Path) -> Result<()> {
     file.sync_all()
         .map_err(|e| Error::io(format!("syncing {}", raw.display()), e))?;
     drop(file);
-    let packed_result = crate::image::pack::pack(&raw, packed, 3);
+    let packed_result = crate::image::pack::pack(
+        &raw,
+        packed,
+        crate::image::pack::PackOptions {
+            level: 3,
+            block_index: false,
+        },
+    );
     let _ = fs::remove_file(&raw);
     packed_result.map(|_| ())
 }

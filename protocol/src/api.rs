@@ -325,7 +325,7 @@ impl OperationStatus {
 }
 
 /// Bytes moved by the running phase; once the write finished, what it
-/// wrote in all and its average rate.
+/// wrote in all and its average rate (of the image's `totalBytes`).
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -333,6 +333,13 @@ pub struct OperationProgress {
     pub bytes_written: u64,
     pub total_bytes: Option<u64>,
     pub bytes_per_second: u64,
+    /// A finished write through a block index: encoded bytes fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_downloaded: Option<u64>,
+    /// A finished write through a block index: bytes the disk already held,
+    /// neither fetched nor written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_unchanged: Option<u64>,
 }
 
 /// Why an operation failed: a stable code and a message.

@@ -15,6 +15,6 @@ mod wire_enum;
 
 pub use client::{Client, ClientError, KeepAlive, RetryPolicy, WaitEvent};
 pub use error_code::ErrorCode;
-pub use manifest::{ImageFormat, ImageManifest};
+pub use manifest::{BlockIndexRef, ImageFormat, ImageManifest};
 pub use progress::{Phase, WriteProgress};
 pub use request_id::new_request_id;

@@ -32,8 +32,9 @@ impl fmt::Display for ImageFormat {
     }
 }
 
-/// `{"name", "url", "format", "size", "sha256"}`: `size` and `sha256` are
-/// those of the raw (decoded) image; `url` may be relative to the manifest.
+/// `{"name", "url", "format", "size", "sha256", "blockIndex"?}`: `size` and
+/// `sha256` are those of the raw (decoded) image; `url` may be relative to
+/// the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageManifest {
@@ -42,6 +43,22 @@ pub struct ImageManifest {
     pub format: ImageFormat,
     #[serde(deserialize_with = "crate::whole_number::u64")]
     pub size: u64,
+    pub sha256: String,
+    /// The image's block index, when it was packed with one.
+    #[serde(
+        default,
+        rename = "blockIndex",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub block_index: Option<BlockIndexRef>,
+}
+
+/// Where an image's block index is (`url`, relative to the manifest like the
+/// image's) and its SHA-256, so that the manifest's signature covers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockIndexRef {
+    pub url: String,
     pub sha256: String,
 }
 

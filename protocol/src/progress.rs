@@ -12,7 +12,11 @@ pub enum Phase {
     /// In-place reimage: downloading, decoding and verifying the whole image
     /// into the staging area while the old system still runs.
     Staging,
-    /// Streaming, decoding, hashing and writing the image.
+    /// A write with a block index: reading the target's image extent to
+    /// find the blocks that already hold the image.
+    Comparing,
+    /// Streaming, decoding, hashing and writing the image (with a block
+    /// index: fetching and writing the blocks that differ).
     Downloading,
     /// Reading back what was written and comparing it.
     Verifying,
@@ -28,10 +32,11 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::WaitingForTasks,
         Phase::WaitingForRetention,
         Phase::Staging,
+        Phase::Comparing,
         Phase::Downloading,
         Phase::Verifying,
         Phase::SavingPartitions,
@@ -46,6 +51,7 @@ impl Phase {
             Phase::WaitingForTasks => "waitingForTasks",
             Phase::WaitingForRetention => "waitingForRetention",
             Phase::Staging => "staging",
+            Phase::Comparing => "comparing",
             Phase::Downloading => "downloading",
             Phase::Verifying => "verifying",
             Phase::SavingPartitions => "savingPartitions",

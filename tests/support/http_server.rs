@@ -170,6 +170,11 @@ impl FaultServer {
         self.shared.state().log.clone()
     }
 
+    /// Forgets the requests logged so far.
+    pub fn clear_requests(&self) {
+        self.shared.state().log.clear();
+    }
+
     /// Changes the fault for the requests that follow, and re-arms the
     /// faults that fire once.
     pub fn set_fault(&self, fault: Fault) {

@@ -13,12 +13,16 @@ use crate::disk::device::Target;
 use crate::disk::sink::is_zero;
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 /// Reads in flight while reading back: enough to keep a disk's queue busy,
 /// and each reader checks what it read while the others wait on the disk.
 pub const READS_IN_FLIGHT: usize = 4;
+
+/// The largest zero run checked as one read.
+const ZERO_PIECE: u64 = 4 << 20;
 
 /// What one written chunk must read back as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +43,6 @@ struct Chunk {
 #[derive(Debug, Clone, Default)]
 pub struct WrittenChunks {
     chunks: Vec<Chunk>,
-    largest: usize,
 }
 
 impl WrittenChunks {
@@ -56,12 +59,26 @@ impl WrittenChunks {
         } else {
             Expected::Digest(blake3::hash(data))
         };
-        self.largest = self.largest.max(data.len());
         self.chunks.push(Chunk {
             offset,
             len: data.len(),
             expected,
         });
+    }
+
+    /// Records `len` bytes at `offset`, just zeroed.
+    pub fn record_zeros(&mut self, offset: u64, len: u64) {
+        // A zero run is checked in pieces no larger than a data chunk's.
+        let mut at = offset;
+        while at < offset + len {
+            let piece = (offset + len - at).min(ZERO_PIECE);
+            self.chunks.push(Chunk {
+                offset: at,
+                len: piece as usize,
+                expected: Expected::Zeros,
+            });
+            at += piece;
+        }
     }
 
     /// Bytes recorded.
@@ -83,62 +100,89 @@ impl WrittenChunks {
             // Buffered: the page cache would answer for the disk.
             target.drop_caches()?;
         }
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let (checked_tx, checked) = mpsc::channel::<Result<usize>>();
-        std::thread::scope(|scope| {
-            let mut first_error = None;
-            for _ in 0..READS_IN_FLIGHT.min(self.chunks.len()) {
-                let checked_tx = checked_tx.clone();
-                let (next, stop) = (&next, &stop);
-                let reader = move || {
-                    let mut buffer = AlignedBuf::new(self.largest);
-                    while !stop.load(Ordering::Relaxed) {
-                        let Some(chunk) = self.chunks.get(next.fetch_add(1, Ordering::Relaxed))
-                        else {
-                            break;
-                        };
-                        let result = check(target, chunk, &mut buffer).map(|()| chunk.len);
-                        if checked_tx.send(result).is_err() {
-                            break;
-                        }
-                    }
-                };
-                let spawned = std::thread::Builder::new()
-                    .name("read-back".into())
-                    .spawn_scoped(scope, reader);
-                if let Err(e) = spawned {
-                    stop.store(true, Ordering::Relaxed);
-                    first_error = Some(Error::io("starting a read-back thread", e));
-                    break;
-                }
-            }
-            drop(checked_tx);
-            let mut done = done_before;
-            for result in checked {
-                match result {
-                    Ok(len) => {
-                        done += len as u64;
-                        meter.update(done);
-                    }
-                    Err(err) => {
-                        stop.store(true, Ordering::Relaxed);
-                        first_error.get_or_insert(err);
-                    }
-                }
-            }
-            first_error.map_or(Ok(()), Err)
-        })
+        let extents: Vec<_> = self
+            .chunks
+            .iter()
+            .map(|c| c.offset..c.offset + c.len as u64)
+            .collect();
+        let mut done = done_before;
+        read_each(
+            target,
+            &extents,
+            &|number, bytes| check(target, &self.chunks[number], bytes),
+            &mut |_, len, ()| {
+                done += len;
+                meter.update(done);
+            },
+        )
     }
 }
 
-/// Reads `chunk` back into `buffer` and checks it against its record.
-fn check(target: &Target, chunk: &Chunk, buffer: &mut AlignedBuf) -> Result<()> {
-    buffer.set_len(chunk.len);
-    target.read_at(&mut buffer[..], chunk.offset)?;
+/// Reads each of `extents` of `target`, [`READS_IN_FLIGHT`] at a time, and
+/// calls `check(number, bytes)` on the thread that read it, so that checks
+/// run while the other reads wait on the disk; `done(number, length,
+/// checked)` runs on the caller's thread as each completes, in any order.
+/// The first error stops the reads and is returned.
+pub fn read_each<T: Send>(
+    target: &Target,
+    extents: &[Range<u64>],
+    check: &(dyn Fn(usize, &[u8]) -> Result<T> + Sync),
+    done: &mut dyn FnMut(usize, u64, T),
+) -> Result<()> {
+    let largest = extents.iter().map(|e| e.end - e.start).max().unwrap_or(0);
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (checked_tx, checked) = mpsc::channel::<(usize, u64, Result<T>)>();
+    std::thread::scope(|scope| {
+        let mut first_error = None;
+        for _ in 0..READS_IN_FLIGHT.min(extents.len()) {
+            let checked_tx = checked_tx.clone();
+            let (next, stop) = (&next, &stop);
+            let reader = move || {
+                let mut buffer = AlignedBuf::new(largest as usize);
+                while !stop.load(Ordering::Relaxed) {
+                    let number = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(extent) = extents.get(number) else {
+                        break;
+                    };
+                    let len = extent.end - extent.start;
+                    buffer.set_len(len as usize);
+                    let result = target
+                        .read_at(&mut buffer[..], extent.start)
+                        .and_then(|()| check(number, &buffer));
+                    if checked_tx.send((number, len, result)).is_err() {
+                        break;
+                    }
+                }
+            };
+            let spawned = std::thread::Builder::new()
+                .name("disk-read".into())
+                .spawn_scoped(scope, reader);
+            if let Err(e) = spawned {
+                stop.store(true, Ordering::Relaxed);
+                first_error = Some(Error::io("starting a disk reading thread", e));
+                break;
+            }
+        }
+        drop(checked_tx);
+        for (number, len, result) in checked {
+            match result {
+                Ok(value) => done(number, len, value),
+                Err(err) => {
+                    stop.store(true, Ordering::Relaxed);
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })
+}
+
+/// Checks `bytes`, read back where `chunk` was written, against its record.
+fn check(target: &Target, chunk: &Chunk, bytes: &[u8]) -> Result<()> {
     let matches = match chunk.expected {
-        Expected::Zeros => buffer.chunks(4096).all(is_zero),
-        Expected::Digest(digest) => blake3::hash(buffer) == digest,
+        Expected::Zeros => bytes.chunks(4096).all(is_zero),
+        Expected::Digest(digest) => blake3::hash(bytes) == digest,
     };
     if matches {
         return Ok(());

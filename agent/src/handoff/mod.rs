@@ -59,6 +59,7 @@ pub fn run_plan(
             sha256: Some(plan.image_sha256.clone()),
             size: Some(plan.image_size),
             format: Some(plan.format),
+            block_index: None,
         },
         target: plan.target.clone(),
         save: SaveSpec {

@@ -301,6 +301,7 @@ mod tests {
                 sha256: Some(sha256.to_string()),
                 size: Some(self.image.len() as u64),
                 format: Some(ImageFormat::Zstd),
+                block_index: None,
             };
             let mut report = |_: &reimage_protocol::WriteProgress| {};
             let mut meter = ProgressMeter::new(&mut report);

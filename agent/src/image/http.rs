@@ -113,6 +113,10 @@ pub struct HttpSource {
     /// Bytes still to be thrown away from the current body: a server that
     /// ignores `Range` restarts from the first byte.
     discard: u64,
+    /// Reading one byte range ([`HttpSource::select_range`]): where it ends.
+    end: Option<u64>,
+    /// A range request was answered with the whole file.
+    ranges_refused: bool,
     /// Length of the whole resource, when announced.
     total: Option<u64>,
     /// What proves that a later response comes from the same file.
@@ -135,6 +139,46 @@ impl HttpSource {
     /// Server errors (5xx, 408, 429) and connection failures are retried as
     /// [`HttpOptions`] says; other statuses fail at once.
     pub fn open(url: &Url, opts: &HttpOptions) -> Result<HttpSource> {
+        let mut source = HttpSource::build(url, opts)?;
+        source.connect()?;
+        Ok(source)
+    }
+
+    /// A source for reading byte ranges of `url` with one client, one range
+    /// at a time ([`HttpSource::select_range`]); sends nothing yet.
+    pub fn for_ranges(url: &Url, opts: &HttpOptions) -> Result<HttpSource> {
+        let mut source = HttpSource::build(url, opts)?;
+        source.finished = true;
+        Ok(source)
+    }
+
+    /// Positions the source at `range` of the resource: reads return its
+    /// bytes, then the end. Interrupted ranges resume as whole downloads do,
+    /// and every range after the first carries `If-Range` with the
+    /// validator of the first answer, so all come from one version of the
+    /// file. `Ok(false)`: the server answered with the whole file, so it
+    /// does not honour `Range`.
+    pub fn select_range(&mut self, range: std::ops::Range<u64>) -> Result<bool> {
+        self.response = None;
+        self.pending = Bytes::new();
+        self.pos = range.start;
+        self.end = Some(range.end);
+        self.discard = 0;
+        self.failures = 0;
+        self.failed = false;
+        self.finished = range.is_empty();
+        self.rate_window = (std::time::Instant::now(), range.start);
+        if self.finished {
+            return Ok(true);
+        }
+        match self.connect() {
+            Ok(()) => Ok(true),
+            Err(_) if self.ranges_refused => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn build(url: &Url, opts: &HttpOptions) -> Result<HttpSource> {
         let shown = shown_url(url);
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::InvalidArgument(format!(
@@ -161,7 +205,7 @@ impl HttpSource {
             .redirect(redirect_policy(opts.url_policy.clone()))
             .build()
             .map_err(|e| Error::DownloadFailed(format!("{shown}: {}", chain(&e))))?;
-        let mut source = HttpSource {
+        Ok(HttpSource {
             url: url.clone(),
             shown,
             opts: opts.clone(),
@@ -169,6 +213,8 @@ impl HttpSource {
             pending: Bytes::new(),
             pos: 0,
             discard: 0,
+            end: None,
+            ranges_refused: false,
             total: None,
             validator: None,
             resumes: 0,
@@ -178,9 +224,7 @@ impl HttpSource {
             rate_window: (std::time::Instant::now(), 0),
             client,
             rt,
-        };
-        source.connect()?;
-        Ok(source)
+        })
     }
 
     /// Length of the whole resource when the server announced it.
@@ -198,6 +242,9 @@ impl HttpSource {
     fn connect(&mut self) -> Result<()> {
         loop {
             let attempt = match (self.pos, &self.validator) {
+                // A block's digest proves its bytes, so a range needs no
+                // validator to resume; it still sends one when it has one.
+                _ if self.end.is_some() => self.request_range(),
                 // Nothing received yet: starting over is always safe.
                 (0, _) => self.request_whole(),
                 (_, Some(validator)) => {
@@ -224,7 +271,7 @@ impl HttpSource {
 
     /// The first request, or a fresh start when no byte was received yet.
     fn request_whole(&mut self) -> Result<reqwest::Response, Failure> {
-        let response = self.send(None)?;
+        let response = self.send(None, None)?;
         if response.status() == StatusCode::PARTIAL_CONTENT || !response.status().is_success() {
             return Err(self.refused(response.status()));
         }
@@ -237,11 +284,12 @@ impl HttpSource {
 
     /// A resume at `self.pos`, accepted only for the same file.
     fn request_rest(&mut self, validator: &Validator) -> Result<reqwest::Response, Failure> {
-        let response = self.send(Some(validator))?;
+        let range = format!("bytes={}-", self.pos);
+        let response = self.send(Some(&range), Some(validator))?;
         let headers = response.headers();
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {
-                self.check_continuation(headers, validator)?;
+                self.check_continuation(headers, Some(validator))?;
                 self.discard = 0;
                 tracing::info!(url = %self.shown, position = self.pos, "resumed image download");
             }
@@ -262,26 +310,60 @@ impl HttpSource {
                      what was already received"
                 );
             }
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(Failure::Fatal(Error::ImageTruncated(format!(
-                    "{}: the server refused to resume at byte {} (416): its file is shorter \
-                     than the {} bytes it announced",
-                    self.shown,
-                    self.pos,
-                    self.total.map_or_else(|| "?".into(), |t| t.to_string())
-                ))));
-            }
+            StatusCode::RANGE_NOT_SATISFIABLE => return Err(self.unsatisfiable()),
             status => return Err(self.refused(status)),
         }
         self.resumes += 1;
         Ok(response)
     }
 
+    /// The rest of the selected range, from `self.pos`.
+    fn request_range(&mut self) -> Result<reqwest::Response, Failure> {
+        let end = self.end.unwrap_or(u64::MAX);
+        let range = format!("bytes={}-{}", self.pos, end.saturating_sub(1));
+        let validator = self.validator.clone();
+        let response = self.send(Some(&range), validator.as_ref())?;
+        let headers = response.headers();
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                self.check_continuation(headers, validator.as_ref())?;
+                if validator.is_none() {
+                    self.validator = Validator::of(headers);
+                }
+                Ok(response)
+            }
+            StatusCode::OK => {
+                self.ranges_refused = true;
+                Err(Failure::Fatal(Error::DownloadFailed(format!(
+                    "{}: asked for bytes {}..{end}, the server answered 200 with the whole file: \
+                     it does not honour Range requests",
+                    self.shown, self.pos
+                ))))
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => Err(self.unsatisfiable()),
+            status => Err(self.refused(status)),
+        }
+    }
+
+    /// A 416: the file is shorter than where we asked to read.
+    fn unsatisfiable(&self) -> Failure {
+        Failure::Fatal(Error::ImageTruncated(format!(
+            "{}: the server refused to send bytes from {} on (416): its file is shorter than \
+             {}",
+            self.shown,
+            self.pos,
+            match self.total {
+                Some(total) => format!("the {total} bytes it announced"),
+                None => "that".into(),
+            }
+        )))
+    }
+
     /// Checks that a `206` starts where we are and belongs to the same file.
     fn check_continuation(
         &mut self,
         headers: &HeaderMap,
-        validator: &Validator,
+        validator: Option<&Validator>,
     ) -> Result<(), Failure> {
         let content_range = header_str(headers, CONTENT_RANGE.as_str()).unwrap_or_default();
         let (shown, pos) = (self.shown.clone(), self.pos);
@@ -307,7 +389,8 @@ impl HttpSource {
         }
         // A server that ignores If-Range may still send another version's
         // range; its ETag, when present, gives it away.
-        if let (Validator::ETag(_), Some(_)) = (validator, headers.get(ETAG))
+        if let Some(validator @ Validator::ETag(_)) = validator
+            && headers.get(ETAG).is_some()
             && !validator.matches(headers)
         {
             return Err(Failure::Fatal(self.changed()));
@@ -323,16 +406,22 @@ impl HttpSource {
         ))
     }
 
-    /// Sends a GET, from `self.pos` with `If-Range` when `validator` is given.
-    fn send(&mut self, validator: Option<&Validator>) -> Result<reqwest::Response, Failure> {
+    /// Sends a GET, of `range` (a `Range` header value) when given, with
+    /// `If-Range` when `validator` is given too.
+    fn send(
+        &mut self,
+        range: Option<&str>,
+        validator: Option<&Validator>,
+    ) -> Result<reqwest::Response, Failure> {
         let mut request = self
             .client
             .get(self.url.clone())
             .header(ACCEPT_ENCODING, "identity");
-        if let Some(validator) = validator {
-            request = request
-                .header(RANGE, format!("bytes={}-", self.pos))
-                .header(IF_RANGE, validator.value());
+        if let Some(range) = range {
+            request = request.header(RANGE, range);
+            if let Some(validator) = validator {
+                request = request.header(IF_RANGE, validator.value());
+            }
         }
         let stall = self.opts.stall_timeout;
         // The timer must be created inside the runtime, hence the async block.
@@ -419,7 +508,7 @@ impl HttpSource {
     /// needed; leaves it empty only at the end of the resource.
     fn fill(&mut self) -> Result<()> {
         while self.pending.is_empty() && !self.finished {
-            if self.total.is_some_and(|total| self.pos >= total) {
+            if self.last_byte().is_some_and(|last| self.pos >= last) {
                 // Exactly the announced bytes; whatever else a lying server
                 // sends is not part of the resource.
                 self.finish();
@@ -438,7 +527,7 @@ impl HttpSource {
                     self.accept(chunk);
                     self.check_rate()?;
                 }
-                Ok(Ok(None)) => match self.total {
+                Ok(Ok(None)) => match self.last_byte() {
                     Some(total) => {
                         let reason =
                             format!("the connection closed at byte {} of {total}", self.pos);
@@ -463,8 +552,8 @@ impl HttpSource {
             .min(chunk.len());
         let _ = chunk.split_to(skip);
         self.discard -= skip as u64;
-        if let Some(total) = self.total {
-            let room = usize::try_from(total - self.pos).unwrap_or(usize::MAX);
+        if let Some(last) = self.last_byte() {
+            let room = usize::try_from(last.saturating_sub(self.pos)).unwrap_or(usize::MAX);
             chunk.truncate(room);
         }
         if !chunk.is_empty() {
@@ -498,6 +587,14 @@ impl HttpSource {
     fn finish(&mut self) {
         self.finished = true;
         self.response = None;
+    }
+
+    /// Where the bytes to read end: the selected range, else the resource.
+    fn last_byte(&self) -> Option<u64> {
+        match (self.end, self.total) {
+            (Some(end), Some(total)) => Some(end.min(total)),
+            (end, total) => end.or(total),
+        }
     }
 }
 
@@ -898,6 +995,71 @@ mod tests {
         assert_eq!(source.resumes(), 1);
         let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
         assert_eq!(statuses, [200, 200]);
+    }
+
+    /// Reads `range` of the selected source to its end.
+    fn read_range(source: &mut HttpSource, range: std::ops::Range<u64>) -> Result<Option<Vec<u8>>> {
+        if !source.select_range(range)? {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        source
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::from_io(e, "reading the range"))?;
+        Ok(Some(bytes))
+    }
+
+    #[test]
+    fn ranges_are_read_exactly_resumed_and_tied_to_one_version_of_the_file() {
+        let data = image(1 << 20, 11);
+        let (server, url) = serve(&data, Fault::DropEvery(150_000));
+        let mut source = HttpSource::for_ranges(&url, &opts()).expect("no request yet");
+        assert!(
+            server.requests().is_empty(),
+            "nothing is sent before a range is selected"
+        );
+        for range in [0..1000, 200_000..900_000, 999_999..1_048_576, 5..5] {
+            let bytes = read_range(&mut source, range.clone())
+                .expect("reads")
+                .expect("206");
+            assert!(
+                bytes[..] == data[range.start as usize..range.end as usize],
+                "{range:?}"
+            );
+        }
+        let requests = server.requests();
+        assert!(requests.iter().all(|r| r.status == 206), "{requests:?}");
+        assert_eq!(requests[0].range.as_deref(), Some("bytes=0-999"));
+        assert!(
+            requests[0].if_range.is_none(),
+            "the first range has no validator yet"
+        );
+        assert!(
+            requests[1..]
+                .iter()
+                .all(|r| r.if_range == server.etag(PATH)),
+            "every later range names the version of the first: {requests:?}"
+        );
+        assert!(
+            requests.len() > 4,
+            "the long range resumed after drops: {requests:?}"
+        );
+    }
+
+    #[test]
+    fn a_server_that_ignores_range_is_told_apart_from_a_failure() {
+        let data = image(100_000, 12);
+        let (_server, url) = serve(&data, Fault::IgnoreRange);
+        let mut source = HttpSource::for_ranges(&url, &opts()).expect("no request yet");
+        assert_eq!(read_range(&mut source, 10..20).expect("no error"), None);
+        let (_server, url) = serve(&data, Fault::Status(404));
+        let mut source = HttpSource::for_ranges(&url, &opts()).expect("no request yet");
+        let err = read_range(&mut source, 10..20).expect_err("a 404 fails");
+        assert!(matches!(err, Error::DownloadFailed(_)), "{err}");
+        let (_server, url) = serve(&data, Fault::None);
+        let mut source = HttpSource::for_ranges(&url, &opts()).expect("no request yet");
+        let err = read_range(&mut source, 100_000..100_010).expect_err("past the end");
+        assert!(matches!(err, Error::ImageTruncated(_)), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Where images come from and how they are decoded and checked.
 
 pub mod allowed_urls;
+pub mod block_index;
 pub mod decode;
 pub mod digest;
 pub mod http;
@@ -8,6 +9,7 @@ pub mod inspect;
 pub mod manifest;
 pub mod measure;
 pub mod pack;
+pub mod ranges;
 pub mod signing;
 pub mod source;
 pub mod stream;

@@ -118,6 +118,7 @@ impl Agent {
                         bytes_written: record.info.staged_bytes,
                         total_bytes: Some(record.info.staged_bytes),
                         bytes_per_second: op.progress.bytes_per_second,
+                        ..OperationProgress::default()
                     };
                 })
             }

@@ -76,6 +76,14 @@ impl Agent {
                         false,
                     )?;
                 }
+                Some(Phase::Comparing) => {
+                    self.fail(
+                        &id,
+                        ErrorCode::AgentRestarted,
+                        "the agent stopped while comparing the disk with the image's block index; nothing was written, reimage again",
+                        false,
+                    )?;
+                }
                 Some(phase @ (Phase::Downloading | Phase::Verifying | Phase::SavingPartitions)) => {
                     self.fail(
                         &id,
@@ -152,6 +160,7 @@ impl Agent {
                         bytes_written: size,
                         total_bytes: Some(size),
                         bytes_per_second: rate,
+                        ..OperationProgress::default()
                     }
                 })?;
                 self.confirm(id)

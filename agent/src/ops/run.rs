@@ -7,7 +7,7 @@ use super::record::NodeRecord;
 use super::{Agent, Table};
 use crate::handoff::prepare::{self, InPlaceRequest};
 use crate::image::http::HttpOptions;
-use crate::pipeline::{self, ImageRequest, WriteFailure, WriteRequest};
+use crate::pipeline::{self, BlockCounts, ImageRequest, WriteFailure, WriteRequest};
 use crate::reboot::{self, RebootMethod};
 use crate::tasks::StopMode;
 use jiff::Timestamp;
@@ -24,20 +24,25 @@ pub(super) struct Written {
     pub image: ImageRef,
     pub bytes: u64,
     pub elapsed: Duration,
+    /// Written through a block index: what was fetched, kept and written.
+    pub blocks: Option<BlockCounts>,
 }
 
 impl Written {
-    /// The record's progress: what was written in all, at what average rate.
+    /// The record's progress: what was written in all, at what average rate
+    /// of the image's size.
     pub fn progress(&self) -> OperationProgress {
         let seconds = self.elapsed.as_secs_f64();
         OperationProgress {
-            bytes_written: self.bytes,
+            bytes_written: self.blocks.map_or(self.bytes, |b| b.written),
             total_bytes: Some(self.bytes),
             bytes_per_second: if seconds > 0.0 {
                 (self.bytes as f64 / seconds) as u64
             } else {
                 0
             },
+            bytes_downloaded: self.blocks.map(|b| b.downloaded),
+            bytes_unchanged: self.blocks.map(|b| b.unchanged),
         }
     }
 }
@@ -218,6 +223,7 @@ impl Agent {
             },
             bytes: report.size,
             elapsed: report.elapsed,
+            blocks: report.blocks,
         })
     }
 
@@ -260,6 +266,7 @@ impl Agent {
             },
             bytes: prepared.staged.size,
             elapsed: started.elapsed(),
+            blocks: None,
         })
     }
 
@@ -303,6 +310,7 @@ impl Agent {
             bytes_written: progress.bytes_written,
             total_bytes: progress.total_bytes,
             bytes_per_second: progress.bytes_per_second,
+            ..OperationProgress::default()
         };
         record.operation.updated_at = Timestamp::now();
         let persisted = if phase_changed {

@@ -115,6 +115,7 @@ pub fn write_request(images: &StagedImages, record: &StagedRecord) -> Option<Ima
         sha256: Some(record.info.sha256.clone()),
         size: Some(record.info.size),
         format: Some(record.format),
+        block_index: None,
     })
 }
 

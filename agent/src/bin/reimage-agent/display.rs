@@ -77,6 +77,7 @@ fn phase_name(phase: Phase) -> &'static str {
         Phase::WaitingForTasks => "waiting for tasks",
         Phase::WaitingForRetention => "waiting retention",
         Phase::Staging => "staging",
+        Phase::Comparing => "comparing",
         Phase::Downloading => "writing",
         Phase::Verifying => "reading back",
         Phase::SavingPartitions => "partition table",

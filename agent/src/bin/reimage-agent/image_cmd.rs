@@ -21,6 +21,11 @@ pub enum ImageCommand {
         /// Compression level.
         #[arg(long, default_value_t = 3)]
         level: i32,
+        /// Write one zstd frame per 4 MiB of raw image and OUT.index.json
+        /// (named in the manifest with its SHA-256), so that a node already
+        /// holding a similar image fetches and writes only what differs.
+        #[arg(long)]
+        block_index: bool,
     },
     /// Make a minisign key pair for signing manifests: NAME.pub and NAME.key
     /// (mode 0600; encrypted when REIMAGE_SIGNING_PASSWORD is set).
@@ -45,7 +50,8 @@ pub enum ImageCommand {
         trusted_keys: Vec<String>,
     },
     /// Decode an image (path or URL) and show its format, sizes, SHA-256 and
-    /// partition table.
+    /// partition table; given a manifest (*.json), the image it names,
+    /// checked against it and its block index.
     Inspect {
         #[arg(value_name = "FILE|URL")]
         image: String,
@@ -57,8 +63,14 @@ pub enum ImageCommand {
 
 pub fn run(command: ImageCommand) -> anyhow::Result<()> {
     match command {
-        ImageCommand::Pack { raw, output, level } => {
-            let manifest = pack::pack(&raw, &output, level)
+        ImageCommand::Pack {
+            raw,
+            output,
+            level,
+            block_index,
+        } => {
+            let options = pack::PackOptions { level, block_index };
+            let manifest = pack::pack(&raw, &output, options)
                 .with_context(|| format!("packing {}", raw.display()))?;
             println!(
                 "{}: {} bytes raw, sha256 {}; manifest {}",
@@ -67,6 +79,9 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
                 manifest.sha256,
                 pack::manifest_path(&output).display()
             );
+            if manifest.block_index.is_some() {
+                println!("block index: {}", pack::index_path(&output).display());
+            }
             Ok(())
         }
         ImageCommand::Keygen { output } => {
@@ -131,6 +146,31 @@ fn describe(info: &ImageInfo) -> String {
         info.size,
         info.sha256
     );
+    if let Some(matches) = info.manifest_matches {
+        text.push_str(if matches {
+            "manifest: matches (format, size and sha256)\n"
+        } else {
+            "manifest: DOES NOT MATCH the image\n"
+        });
+    }
+    if let Some(index) = &info.block_index {
+        text.push_str(&format!(
+            "block index: {}\n  {} blocks of {} bytes, {} all zeros, frames over {} bytes; {}\n",
+            index.location,
+            index.blocks,
+            index.block_size,
+            index.zero_blocks,
+            index.encoded_size,
+            if index.mismatched_blocks.is_empty() {
+                "every block matches the image".to_string()
+            } else {
+                format!(
+                    "blocks {:?} DO NOT MATCH the image",
+                    index.mismatched_blocks
+                )
+            }
+        ));
+    }
     match &info.partition_table {
         None => text.push_str("partition table: none (no GPT)\n"),
         Some(table) => {

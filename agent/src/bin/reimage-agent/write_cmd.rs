@@ -116,6 +116,12 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64(),
         report.saved.len()
     );
+    if let Some(blocks) = report.blocks {
+        println!(
+            "through the block index: fetched {} bytes, wrote {} bytes, kept {} bytes the disk already held",
+            blocks.downloaded, blocks.written, blocks.unchanged
+        );
+    }
     reboot::reboot(args.reboot).context("rebooting")?;
     Ok(())
 }

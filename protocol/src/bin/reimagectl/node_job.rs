@@ -356,7 +356,13 @@ impl PhaseClock {
         self.silent_since = None;
         let writing = matches!(
             operation.phase,
-            Some(Phase::Staging | Phase::Downloading | Phase::Verifying | Phase::SavingPartitions)
+            Some(
+                Phase::Staging
+                    | Phase::Comparing
+                    | Phase::Downloading
+                    | Phase::Verifying
+                    | Phase::SavingPartitions
+            )
         );
         let past_writing = operation.status != OperationStatus::InProgress
             || matches!(

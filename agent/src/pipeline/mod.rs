@@ -14,6 +14,14 @@
 //! BLAKE3 digest taken from the very bytes the SHA-256 measured
 //! ([`WrittenChunks`]), several reads in flight: one SHA-256 pass, and the
 //! disk still holds the bytes that hashed to the expected SHA-256.
+//!
+//! An image with a block index is written by [`delta`] where the target
+//! holds data: only the blocks that differ are fetched and written, and the
+//! whole extent's SHA-256 is read back from the disk before the same commit.
+
+mod delta;
+
+pub use delta::BlockCounts;
 
 use crate::disk::HEAD_LEN;
 use crate::disk::device::{Target, TargetKind};
@@ -22,6 +30,7 @@ use crate::disk::readback::{self, WrittenChunks};
 use crate::disk::reset::{self, CopyOutcome};
 use crate::disk::saved::{SaveSpec, SavedPartition, SavedPartitions};
 use crate::disk::sink::{self, DiskSink};
+use crate::image::block_index::IndexRef;
 use crate::image::digest::parse_sha256_hex;
 use crate::image::http::HttpOptions;
 use crate::image::source::{self, Location};
@@ -45,6 +54,8 @@ pub struct ImageRequest {
     pub size: Option<u64>,
     /// Format named by a manifest; the data must agree.
     pub format: Option<ImageFormat>,
+    /// The block index the manifest names, if any.
+    pub block_index: Option<IndexRef>,
 }
 
 impl ImageRequest {
@@ -81,10 +92,11 @@ impl ImageRequest {
                 sha256,
                 size: None,
                 format: None,
+                block_index: None,
             });
         };
-        let (manifest, from_manifest) =
-            manifest::load(&Location::parse(manifest_at)?, http, trusted_keys)?;
+        let manifest_location = Location::parse(manifest_at)?;
+        let (manifest, from_manifest) = manifest::load(&manifest_location, http, trusted_keys)?;
         if let Some(given) = &sha256
             && *given != manifest.sha256
         {
@@ -97,11 +109,21 @@ impl ImageRequest {
             Some(image) => Location::parse(image)?,
             None => from_manifest,
         };
+        let block_index = manifest
+            .block_index
+            .map(|index| {
+                Ok::<_, Error>(IndexRef {
+                    location: manifest_location.join(&index.url)?,
+                    sha256: index.sha256,
+                })
+            })
+            .transpose()?;
         Ok(ImageRequest {
             location,
             sha256: Some(manifest.sha256),
             size: Some(manifest.size),
             format: Some(manifest.format),
+            block_index,
         })
     }
 }
@@ -130,6 +152,8 @@ pub struct WriteReport {
     pub zeroed_bytes: u64,
     pub saved: Vec<SavedPartition>,
     pub elapsed: Duration,
+    /// Written through a block index: what was fetched, kept and written.
+    pub blocks: Option<BlockCounts>,
 }
 
 /// A failed write, and whether it got as far as changing the disk (then the
@@ -178,6 +202,7 @@ pub fn write_image(
         zeroed_bytes: streamed.zeroed,
         saved: job.saved.iter().cloned().collect(),
         elapsed: started.elapsed(),
+        blocks: streamed.blocks,
     })
 }
 
@@ -190,6 +215,8 @@ struct Streamed {
     zeroed: u64,
     /// What each chunk written must read back as.
     written: WrittenChunks,
+    /// Written through a block index: what was fetched, kept and written.
+    blocks: Option<BlockCounts>,
 }
 
 /// The measuring thread ended without an error or the end of the image:
@@ -244,6 +271,27 @@ impl<'t> Job<'t> {
         request: &WriteRequest,
         meter: &mut ProgressMeter<'_>,
     ) -> Result<(ImageFormat, Streamed)> {
+        let (format, streamed) = match self.write_changed_blocks(request, meter)? {
+            Some(streamed) => (ImageFormat::Zstd, streamed),
+            None => self.write_stream(request, meter)?,
+        };
+        self.commit_table(&streamed, meter)?;
+        // The disk holds the verified image and its table now: a kernel
+        // that cannot re-read it yet (a partition still open) sees it at the
+        // next boot, so this must not undo the write.
+        if let Err(err) = self.target.reread_partition_table() {
+            tracing::warn!(%err, "the new partition table is written, but the kernel did not re-read it; it takes effect at the next boot");
+        }
+        meter.phase(Phase::Done, Some(streamed.size));
+        Ok((format, streamed))
+    }
+
+    /// The whole image streamed, written and read back.
+    fn write_stream(
+        &self,
+        request: &WriteRequest,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<(ImageFormat, Streamed)> {
         let image = &request.image;
         let source = source::open(&image.location, &request.http)?;
         let encoded_length = source.length;
@@ -258,14 +306,6 @@ impl<'t> Job<'t> {
         if request.read_back {
             self.read_back(&streamed, meter)?;
         }
-        self.commit_table(&streamed, meter)?;
-        // The disk holds the verified image and its table now: a kernel
-        // that cannot re-read it yet (a partition still open) sees it at the
-        // next boot, so this must not undo the write.
-        if let Err(err) = self.target.reread_partition_table() {
-            tracing::warn!(%err, "the new partition table is written, but the kernel did not re-read it; it takes effect at the next boot");
-        }
-        meter.phase(Phase::Done, Some(streamed.size));
         Ok((format, streamed))
     }
 
@@ -328,6 +368,7 @@ impl<'t> Job<'t> {
             sha256: measured.sha256,
             zeroed: sink.zeroed_bytes(),
             written,
+            blocks: None,
         })
     }
 

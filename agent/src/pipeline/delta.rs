@@ -1,0 +1,412 @@
+//! A write with a block index: fetch and write only the blocks that differ.
+//!
+//! ```text
+//! index (SHA-256 from the manifest) → block 0 by Range (the held head)
+//!   → compare: each block of the target's image extent against the index
+//!   → saved-only table → differing blocks by Range (runs coalesced),
+//!     each decoded and checked against the index, written; zero blocks zeroed
+//!   → fsync → read-back of what was written
+//!   → SHA-256 of the whole image extent (held head + disk) = the manifest's?
+//!   → [commit: first MiB + merged table, as a full write]
+//! ```
+//!
+//! The whole-image SHA-256 is read from the disk after the last write, so
+//! the result is exactly as safe as a full write: a block that changed on
+//! the disk after the comparison is found (once, and fetched again), and an
+//! index that describes another image fails the write. Nothing is written
+//! before the head was fetched with `Range`: a server that does not honour
+//! it leaves the write to stream the whole image.
+
+use super::{Job, Streamed, WriteRequest, check_image, stream_cut_off};
+use crate::disk::HEAD_LEN;
+use crate::disk::readback::{self, WrittenChunks};
+use crate::disk::sink;
+use crate::image::block_index::{BlockIndex, IndexRef};
+use crate::image::ranges::RangeReader;
+use crate::image::stream::{MeasuredStream, Piece};
+use crate::progress::ProgressMeter;
+use crate::{Error, Result};
+use reimage_protocol::{ImageFormat, Phase};
+use std::io::Read;
+use std::ops::Range;
+
+/// What a write with a block index moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    /// Encoded bytes fetched from the image's source.
+    pub downloaded: u64,
+    /// Raw bytes the target already held, neither fetched nor written.
+    pub unchanged: u64,
+    /// Raw bytes written (zeroed blocks included).
+    pub written: u64,
+}
+
+/// Runs of differing blocks longer than this are fetched in several
+/// requests, so that one slow request does not hold a whole image.
+const MAX_RUN_BLOCKS: usize = 64;
+
+impl Job<'_> {
+    /// Writes the image through its block index when it has one and the
+    /// target holds data to compare with. `Ok(None)`: the image must be
+    /// streamed whole instead (the log says why); nothing was written.
+    pub(super) fn write_changed_blocks(
+        &self,
+        request: &WriteRequest,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<Option<Streamed>> {
+        let image = &request.image;
+        let Some(index_ref) = &image.block_index else {
+            return Ok(None);
+        };
+        let fall_back = |why: &str| {
+            tracing::info!(image = %image.location, "streaming the whole image: {why}");
+            Ok(None)
+        };
+        if self.growable {
+            return fall_back("the target is empty, so no block can be kept");
+        }
+        if image
+            .format
+            .is_some_and(|format| format != ImageFormat::Zstd)
+        {
+            return fall_back("a block index needs a zstd image");
+        }
+        let index = self.load_index(index_ref, request)?;
+        self.check_fits(Some(index.image_size))?;
+        let mut fetch = Fetch {
+            reader: RangeReader::open(&image.location, &request.http)?,
+            index: &index,
+            downloaded: 0,
+        };
+        meter.phase(Phase::Downloading, None);
+        let mut head = None;
+        if !fetch.run(0..1, &mut |_, raw| {
+            head = Some(raw.to_vec());
+            Ok(())
+        })? {
+            return fall_back("the server does not honour Range requests");
+        }
+        let block0 = head.ok_or_else(stream_cut_off)?;
+        let held = block0.len().min(HEAD_LEN);
+        self.check_merge(&block0[..held], Some(index.image_size))?;
+        tracing::info!(image = %image.location, blocks = index.blocks.len(), "comparing the target with the image's block index");
+        let holds = self.compare(&index, meter)?;
+        self.reset_table_before_writing()?;
+        let mut writer = BlockWriter {
+            job: self,
+            written: WrittenChunks::new(),
+            bytes: 0,
+        };
+        let wanted: Vec<usize> = (1..index.blocks.len()).filter(|&n| !holds[n]).collect();
+        let head_tail = block0.len() - held;
+        meter.phase(
+            Phase::Downloading,
+            Some(head_tail as u64 + blocks_len(&index, &wanted)),
+        );
+        writer.write_block(&index, 0, &block0)?;
+        writer.write_blocks(&mut fetch, &wanted, meter, head_tail as u64)?;
+        self.target.sync()?;
+        meter.finish_phase(writer.bytes);
+        meter.phase(Phase::Verifying, Some(writer.written.bytes()));
+        writer.written.verify(self.target, meter, 0)?;
+        meter.finish_phase(writer.written.bytes());
+        let mut sha256 = self.measure_extent(&block0[..held], index.image_size, meter)?;
+        if image
+            .sha256
+            .as_ref()
+            .is_some_and(|expected| *expected != sha256)
+        {
+            // A block changed on the disk after the comparison, or the index
+            // describes another image: find out which, and fetch once more.
+            let still = self.compare(&index, meter)?;
+            let stale: Vec<usize> = (1..index.blocks.len()).filter(|&n| !still[n]).collect();
+            if stale.is_empty() {
+                return Err(Error::ImageCorrupt(format!(
+                    "every block of the disk matches the block index, but the image extent's \
+                     SHA-256 is {sha256}: the index describes another image"
+                )));
+            }
+            tracing::warn!(blocks = ?stale, "blocks changed on the disk after they were compared; fetching them again");
+            writer.written = WrittenChunks::new();
+            meter.phase(Phase::Downloading, Some(blocks_len(&index, &stale)));
+            writer.write_blocks(&mut fetch, &stale, meter, 0)?;
+            self.target.sync()?;
+            writer.written.verify(self.target, meter, 0)?;
+            sha256 = self.measure_extent(&block0[..held], index.image_size, meter)?;
+        }
+        check_image(index.image_size, &sha256, image)?;
+        let unchanged: Vec<usize> = (1..index.blocks.len()).filter(|&n| holds[n]).collect();
+        let counts = BlockCounts {
+            downloaded: fetch.downloaded,
+            unchanged: blocks_len(&index, &unchanged),
+            // The held head is written by the commit.
+            written: writer.bytes + held as u64,
+        };
+        crate::metrics::global()
+            .bytes_unchanged
+            .inc_by(counts.unchanged);
+        tracing::info!(
+            downloaded = counts.downloaded,
+            unchanged = counts.unchanged,
+            written = counts.written,
+            "wrote the blocks that differ"
+        );
+        Ok(Some(Streamed {
+            head: block0[..held].to_vec(),
+            size: index.image_size,
+            sha256,
+            zeroed: 0,
+            written: writer.written,
+            blocks: Some(counts),
+        }))
+    }
+
+    fn load_index(&self, index_ref: &IndexRef, request: &WriteRequest) -> Result<BlockIndex> {
+        let size = request.image.size.ok_or_else(|| {
+            Error::ManifestInvalid(
+                "a manifest with a block index must give the image's size".into(),
+            )
+        })?;
+        BlockIndex::load(&index_ref.location, &index_ref.sha256, size, &request.http)
+    }
+
+    /// Which blocks the target already holds: each block of the image
+    /// extent read (several reads in flight) and its BLAKE3 compared with
+    /// the index's.
+    fn compare(&self, index: &BlockIndex, meter: &mut ProgressMeter<'_>) -> Result<Vec<bool>> {
+        meter.phase(Phase::Comparing, Some(index.image_size));
+        let extents: Vec<_> = (0..index.blocks.len()).map(|n| index.extent(n)).collect();
+        let mut holds = vec![false; extents.len()];
+        let mut done = 0;
+        readback::read_each(
+            self.target,
+            &extents,
+            &|number, bytes| Ok(blake3::hash(bytes) == index.blocks[number].digest()),
+            &mut |number, len, same| {
+                holds[number] = same;
+                done += len;
+                meter.update(done);
+            },
+        )?;
+        meter.finish_phase(done);
+        Ok(holds)
+    }
+
+    /// The SHA-256 of the image as the disk now holds it: the held `head`,
+    /// then the extent past it read from the disk (reads and hashing on
+    /// threads of their own).
+    fn measure_extent(
+        &self,
+        head: &[u8],
+        size: u64,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<String> {
+        meter.phase(Phase::Verifying, Some(size));
+        let disk = crate::disk::device::Target::open_read_only(self.target.path())?;
+        let rest = ExtentReader {
+            target: disk,
+            pos: head.len() as u64,
+            end: size,
+        };
+        let reader = std::io::Cursor::new(head.to_vec()).chain(rest);
+        let mut pieces = MeasuredStream::spawn(Box::new(reader), Some(size))?;
+        let mut done = 0;
+        loop {
+            match pieces.next_piece().ok_or_else(stream_cut_off)?? {
+                Piece::Head(_) => {}
+                Piece::Chunk(chunk) => {
+                    done += chunk.len() as u64;
+                    pieces.recycle(chunk);
+                    meter.update(done);
+                }
+                Piece::End(measured) => {
+                    meter.finish_phase(measured.size);
+                    if measured.size != size {
+                        return Err(Error::ImageTruncated(format!(
+                            "the image extent read back as {} of {size} bytes",
+                            measured.size
+                        )));
+                    }
+                    return Ok(measured.sha256);
+                }
+            }
+        }
+    }
+}
+
+/// Fetches runs of blocks from the image's source.
+struct Fetch<'i> {
+    reader: RangeReader,
+    index: &'i BlockIndex,
+    /// Encoded bytes fetched.
+    downloaded: u64,
+}
+
+impl Fetch<'_> {
+    /// Fetches the consecutive blocks `numbers` in one range, decodes each
+    /// and checks it against the index before handing it to `each`.
+    /// `Ok(false)`: the source does not honour ranges.
+    fn run(
+        &mut self,
+        numbers: Range<usize>,
+        each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let blocks = &self.index.blocks[numbers.clone()];
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+            return Ok(true);
+        };
+        if !self.reader.select(first.offset..last.frame().end)? {
+            return Ok(false);
+        }
+        let mut decompressor =
+            zstd::bulk::Decompressor::new().map_err(|e| Error::io("starting a zstd decoder", e))?;
+        let mut frame = Vec::new();
+        for (number, block) in numbers.zip(blocks) {
+            frame.resize(block.length as usize, 0);
+            self.reader
+                .read_exact(&mut frame)
+                .map_err(|e| Error::from_io(e, &format!("fetching block {number}")))?;
+            self.downloaded += block.length;
+            let extent = self.index.extent(number);
+            let want = (extent.end - extent.start) as usize;
+            let raw = decompressor.decompress(&frame, want).map_err(|e| {
+                Error::ImageCorrupt(format!("block {number}'s zstd frame does not decode: {e}"))
+            })?;
+            if raw.len() != want || blake3::hash(&raw) != block.digest() {
+                return Err(Error::ImageCorrupt(format!(
+                    "block {number} (bytes {}..{} of the image) decodes to {} bytes that are not \
+                     the ones the block index describes",
+                    extent.start,
+                    extent.end,
+                    raw.len()
+                )));
+            }
+            each(number, &raw)?;
+        }
+        Ok(true)
+    }
+}
+
+/// Writes blocks of the image to the target and records them for the
+/// read-back.
+struct BlockWriter<'j, 't> {
+    job: &'j Job<'t>,
+    written: WrittenChunks,
+    /// Raw bytes written.
+    bytes: u64,
+}
+
+impl BlockWriter<'_, '_> {
+    /// Writes the blocks `numbers` (ascending): zero blocks by zeroing,
+    /// the others fetched in runs of consecutive blocks. Progress counts on
+    /// from `done`.
+    fn write_blocks(
+        &mut self,
+        fetch: &mut Fetch<'_>,
+        numbers: &[usize],
+        meter: &mut ProgressMeter<'_>,
+        mut done: u64,
+    ) -> Result<()> {
+        let index = fetch.index;
+        let mut rest = numbers;
+        while let Some(&first) = rest.first() {
+            if index.blocks[first].zero {
+                self.zero_block(index, first)?;
+                done += extent_len(index, first);
+                meter.update(done);
+                rest = &rest[1..];
+                continue;
+            }
+            let run = rest
+                .iter()
+                .take(MAX_RUN_BLOCKS)
+                .enumerate()
+                .take_while(|&(i, &n)| n == first + i && !index.blocks[n].zero)
+                .count();
+            let honoured = fetch.run(first..first + run, &mut |number, raw| {
+                self.write_block(index, number, raw)?;
+                done += raw.len() as u64;
+                meter.update(done);
+                Ok(())
+            })?;
+            if !honoured {
+                return Err(Error::DownloadFailed(
+                    "the server stopped honouring Range requests in the middle of the write".into(),
+                ));
+            }
+            rest = &rest[run..];
+        }
+        Ok(())
+    }
+
+    /// Writes block `number`'s raw bytes, past the held head for block 0.
+    fn write_block(&mut self, index: &BlockIndex, number: usize, raw: &[u8]) -> Result<()> {
+        let start = index.extent(number).start;
+        let skip = (HEAD_LEN as u64)
+            .saturating_sub(start)
+            .min(raw.len() as u64) as usize;
+        let (offset, bytes) = (start + skip as u64, &raw[skip..]);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.check_allowed(offset..offset + bytes.len() as u64)?;
+        self.job.target.write_at(bytes, offset)?;
+        self.written.record(offset, bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn zero_block(&mut self, index: &BlockIndex, number: usize) -> Result<()> {
+        let extent = index.extent(number);
+        let start = extent.start.max(HEAD_LEN as u64);
+        if start >= extent.end {
+            return Ok(());
+        }
+        self.check_allowed(start..extent.end)?;
+        self.job.target.zero_range(start, extent.end - start)?;
+        self.written.record_zeros(start, extent.end - start);
+        self.bytes += extent.end - start;
+        Ok(())
+    }
+
+    /// Saved partitions are never written, whatever the index says.
+    fn check_allowed(&self, range: Range<u64>) -> Result<()> {
+        sink::check_write_allowed(
+            &range,
+            &self.job.saved.protected_ranges(),
+            Some(self.job.target.size()),
+        )
+    }
+}
+
+fn extent_len(index: &BlockIndex, number: usize) -> u64 {
+    let extent = index.extent(number);
+    extent.end - extent.start
+}
+
+/// Raw bytes of the blocks `numbers`.
+fn blocks_len(index: &BlockIndex, numbers: &[usize]) -> u64 {
+    numbers.iter().map(|&n| extent_len(index, n)).sum()
+}
+
+/// Reads `pos..end` of a target in order.
+struct ExtentReader {
+    target: crate::disk::device::Target,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for ExtentReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let room = usize::try_from(self.end.saturating_sub(self.pos)).unwrap_or(usize::MAX);
+        let want = buf.len().min(room);
+        if want == 0 {
+            return Ok(0);
+        }
+        self.target
+            .read_at(&mut buf[..want], self.pos)
+            .map_err(std::io::Error::other)?;
+        self.pos += want as u64;
+        Ok(want)
+    }
+}
