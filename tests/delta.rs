@@ -5,10 +5,12 @@
 //! partition's SHA-256 is checked.
 
 use reimage_e2e::bin::{agent, run, stderr};
+use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{
     MIB, Part, labels, partition_sha256, read_range, target_disk, write_table,
 };
+use serde_json::json;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -523,4 +525,47 @@ fn kill_9_during_the_block_writes_leaves_the_saved_only_table_and_a_rerun_succee
     let output = lab.write("v2");
     assert!(output.status.success(), "the rerun: {}", stderr(&output));
     lab.assert_holds(&lab.v2);
+}
+
+#[test]
+fn the_daemon_reimages_through_the_index_and_its_record_counts_what_moved() {
+    let Some(lab) = Lab::new("a daemon reimage through the block index") else {
+        return;
+    };
+    // The agent's target is the lab's disk.
+    let config = write_config(lab.dir.path(), "");
+    let daemon = Daemon::start(&config);
+    lab.server.clear_requests();
+    let (status, body) = daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"nodeReimageOption": "terminate", "manifestUrl": lab.manifest("v2")}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("operation id");
+    let operation = daemon.wait_operation(id);
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    lab.assert_holds(&lab.v2);
+    let progress = &operation["progress"];
+    let image = IMAGE_MIB * MIB;
+    let packed = lab.packed_len("v2");
+    let downloaded = progress["bytesDownloaded"]
+        .as_u64()
+        .expect("bytesDownloaded");
+    let unchanged = progress["bytesUnchanged"].as_u64().expect("bytesUnchanged");
+    let written = progress["bytesWritten"].as_u64().expect("bytesWritten");
+    assert_eq!(progress["totalBytes"], image, "{operation}");
+    assert_eq!(
+        downloaded,
+        lab.served("/v2.img.zst", packed),
+        "the record counts what the server sent"
+    );
+    assert!(written * 10 <= image, "{operation}");
+    assert!(unchanged * 10 >= image * 8, "{operation}");
+    let metrics = daemon.get("/metrics");
+    let metrics = metrics.as_str().expect("metrics text");
+    assert!(
+        metrics.contains(&format!("reimage_bytes_unchanged_total {unchanged}")),
+        "{metrics}"
+    );
 }
