@@ -21,6 +21,7 @@ pub use outcome::{Outcome, OutcomeRecord};
 pub use plan::{HandoffPlan, PLAN_VERSION, StagedAt, StateFilesystem};
 
 use crate::disk::saved::SaveSpec;
+use crate::image::block_index::IndexRef;
 use crate::image::http::HttpOptions;
 use crate::image::source::Location;
 use crate::pipeline::{self, ImageRequest, WriteFailure, WriteReport, WriteRequest};
@@ -59,7 +60,10 @@ pub fn run_plan(
             sha256: Some(plan.image_sha256.clone()),
             size: Some(plan.image_size),
             format: Some(plan.format),
-            block_index: None,
+            block_index: plan.staged_index_sha256.as_ref().map(|sha256| IndexRef {
+                location: Location::File(stage::staged_index_path(staged)),
+                sha256: sha256.clone(),
+            }),
         },
         target: plan.target.clone(),
         save: SaveSpec {
@@ -133,6 +137,7 @@ mod tests {
                 path: "staging/image.zst".into(),
             },
             staged_sha256: hex::encode(Sha256::digest(&packed)),
+            staged_index_sha256: None,
             format: ImageFormat::Zstd,
             image_size: image.len() as u64,
             image_sha256: hex::encode(Sha256::digest(&image)),

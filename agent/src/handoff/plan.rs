@@ -21,6 +21,11 @@ pub struct HandoffPlan {
     pub staged: StagedAt,
     /// SHA-256 of the staged file: it must not have changed since staging.
     pub staged_sha256: String,
+    /// Staged through a block index: the SHA-256 of the staged file's own
+    /// index, beside it (`.index.json`). The handoff then writes only the
+    /// blocks the disk does not hold once the old root is unmounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_index_sha256: Option<String>,
     /// Format, size and SHA-256 of the decoded image, checked again as it
     /// is written.
     pub format: ImageFormat,

@@ -16,6 +16,8 @@ use super::stage::{
 };
 use crate::disk::filesystem::{block_device_number, filesystem_of};
 use crate::disk::saved::{SaveSpec, SavedPartitions};
+use crate::image::block_fetch::BlockFetch;
+use crate::image::block_index::BlockIndex;
 use crate::image::http::HttpOptions;
 use crate::image::source;
 use crate::pipeline::ImageRequest;
@@ -69,8 +71,27 @@ pub fn stage(
         )));
     }
     let state = state_filesystem(&request.state_dir, &request.target, &request.save)?;
-    let source = source::open(&request.image.location, &request.http)?;
-    let needed = source.length.or(request.image.size);
+    let image = &request.image;
+    let index = match (&image.block_index, image.size) {
+        (Some(index), Some(size)) => Some(BlockIndex::load(
+            &index.location,
+            &index.sha256,
+            size,
+            &request.http,
+        )?),
+        _ => None,
+    };
+    // Without an index the whole stream is opened now: its length sizes
+    // the staging area.
+    let mut source = match index {
+        Some(_) => None,
+        None => Some(source::open(&image.location, &request.http)?),
+    };
+    let needed = index
+        .as_ref()
+        .map(BlockIndex::encoded_size)
+        .or(source.as_ref().and_then(|s| s.length))
+        .or(image.size);
     let area = stage::choose_area(request.staging, needed, Room::measure(&request.state_dir)?)?;
     let dir = match area {
         StagingArea::Memory => {
@@ -84,14 +105,48 @@ pub fn stage(
     let dest = dir.join(format!("{}.img", request.operation_id));
     tracing::info!(?area, path = %dest.display(), needed, "staging the image");
     let mut meter = ProgressMeter::new(report);
-    let staged = stage::stage_image(
-        source,
-        &request.image,
-        &dest,
-        &request.target,
-        &request.save,
-        &mut meter,
-    )?;
+    let seeded = match &index {
+        Some(index) => {
+            let mut fetch = BlockFetch::open(&image.location, &request.http, index)?;
+            let seeded = stage::stage_from_disk(
+                &mut fetch,
+                image,
+                &dest,
+                &request.target,
+                &request.save,
+                &mut meter,
+            )?;
+            if let Some((staged, _)) = &seeded {
+                tracing::info!(
+                    downloaded = fetch.downloaded,
+                    encoded = staged_len(&staged.path),
+                    "staged through the block index, the disk as the seed"
+                );
+            } else {
+                tracing::info!(image = %image.location, "staging the whole image: the server does not honour Range requests");
+            }
+            seeded
+        }
+        None => None,
+    };
+    let (staged, staged_index_sha256) = match seeded {
+        Some((staged, index_sha256)) => (staged, Some(index_sha256)),
+        None => {
+            let source = match source.take() {
+                Some(source) => source,
+                None => source::open(&image.location, &request.http)?,
+            };
+            let staged = stage::stage_image(
+                source,
+                image,
+                &dest,
+                &request.target,
+                &request.save,
+                &mut meter,
+            )?;
+            (staged, None)
+        }
+    };
     let plan = HandoffPlan {
         version: PLAN_VERSION,
         operation_id: request.operation_id.clone(),
@@ -102,6 +157,7 @@ pub fn stage(
             },
         },
         staged_sha256: staged.staged_sha256.clone(),
+        staged_index_sha256,
         format: staged.format,
         image_size: staged.size,
         image_sha256: staged.sha256.clone(),
@@ -183,6 +239,10 @@ fn state_dir_overwritten(state_dir: &Path, device: &Path, what: &str) -> Error {
         state_dir.display(),
         device.display()
     ))
+}
+
+fn staged_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// One image is staged at a time: what an earlier operation left goes.

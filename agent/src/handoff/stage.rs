@@ -8,10 +8,21 @@
 //!   → hash and size match? → layout fits beside the saved partitions?
 //!   → fsync, staged file hashed as stored
 //! ```
+//!
+//! With a block index ([`stage_from_disk`]) the running system's disk is
+//! the seed: blocks it already holds are copied from it (re-checked as
+//! they are copied) and compressed again, only the others are fetched; the
+//! staged file is a whole framed image with an index of its own, verified
+//! against the image's SHA-256 like any other.
 
+use crate::disk::aligned::AlignedBuf;
+use crate::disk::device::Target;
 use crate::disk::saved::{SaveSpec, SavedPartitions};
+use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
+use crate::image::block_index::{Block, BlockIndex};
 use crate::image::decode;
-use crate::image::measure::measure_to_end;
+use crate::image::measure::{Measure, measure_to_end};
+use crate::image::pack::compress_frame;
 use crate::image::source::Source;
 use crate::pipeline::{self, ImageRequest};
 use crate::progress::ProgressMeter;
@@ -149,6 +160,146 @@ pub fn stage_image(
     }
     staged
 }
+
+/// Stages the image of `index` into `dest` with the target as the seed:
+/// each block that the target holds (its BLAKE3 is the index's when it is
+/// read for the copy) is compressed from the disk, the others are fetched
+/// by `fetch`, coalesced. Writes the staged file's own index beside it
+/// ([`staged_index_path`]) and returns its SHA-256 with the staged image.
+/// `Ok(None)`: the source does not honour `Range` (nothing staged). Nothing
+/// on `target` is written; on failure `dest` and its index are removed.
+pub fn stage_from_disk(
+    fetch: &mut BlockFetch<'_>,
+    image: &ImageRequest,
+    dest: &Path,
+    target: &Path,
+    save: &SaveSpec,
+    meter: &mut ProgressMeter<'_>,
+) -> Result<Option<(StagedImage, String)>> {
+    let (disk_size, saved) = SavedPartitions::read_from_target(target, save)?;
+    let index = fetch.index;
+    pipeline::check_image_fits(&saved, disk_size, index.image_size)?;
+    let staged = seed_and_fetch(fetch, image, dest, target, meter).and_then(|seeded| {
+        let Some((decoded, local)) = seeded else {
+            return Ok(None);
+        };
+        saved.merge_with_image(&decoded.head, disk_size)?;
+        let text = serde_json::to_vec(&local)
+            .map_err(|e| Error::io("serialising the staged block index", io::Error::other(e)))?;
+        let index_path = staged_index_path(dest);
+        std::fs::write(&index_path, &text)
+            .and_then(|()| File::open(&index_path)?.sync_all())
+            .map_err(|e| Error::io(format!("writing {}", index_path.display()), e))?;
+        let (staged_sha256, _) = hash_file(dest)?;
+        Ok(Some((
+            StagedImage {
+                path: dest.to_path_buf(),
+                staged_sha256,
+                format: ImageFormat::Zstd,
+                size: decoded.size,
+                sha256: decoded.sha256,
+            },
+            hex::encode(Sha256::digest(&text)),
+        )))
+    });
+    if !matches!(staged, Ok(Some(_))) {
+        let _ = std::fs::remove_file(dest);
+        let _ = std::fs::remove_file(staged_index_path(dest));
+    }
+    staged
+}
+
+/// Where the staged file's own block index is.
+pub fn staged_index_path(staged: &Path) -> PathBuf {
+    let mut name = staged.as_os_str().to_owned();
+    name.push(".index.json");
+    PathBuf::from(name)
+}
+
+/// The staged file written block by block, from the disk or fetched, with
+/// the SHA-256 and head of the raw image and the staged file's index.
+fn seed_and_fetch(
+    fetch: &mut BlockFetch<'_>,
+    image: &ImageRequest,
+    dest: &Path,
+    target: &Path,
+    meter: &mut ProgressMeter<'_>,
+) -> Result<Option<(Decoded, BlockIndex)>> {
+    let index = fetch.index;
+    let disk = Target::open_read_only(target)?;
+    let mut out = BufWriter::with_capacity(
+        1 << 20,
+        File::create(dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?,
+    );
+    let mut measure = Measure::new(Some(index.image_size));
+    let mut local = BlockIndex {
+        blocks: Vec::with_capacity(index.blocks.len()),
+        ..index.clone()
+    };
+    meter.phase(Phase::Staging, Some(index.image_size));
+    let mut append = |number: usize, frame: &[u8], raw: &[u8]| -> Result<()> {
+        out.write_all(frame)
+            .map_err(|e| Error::io(format!("writing the staged image {}", dest.display()), e))?;
+        measure.update(raw)?;
+        let offset = local.encoded_size();
+        local.blocks.push(Block {
+            offset,
+            length: frame.len() as u64,
+            ..index.blocks[number].clone()
+        });
+        meter.update(measure.size());
+        Ok(())
+    };
+    let mut buffer = AlignedBuf::new(index.block_size as usize);
+    let mut number = 0;
+    while number < index.blocks.len() {
+        let extent = index.extent(number);
+        buffer.set_len((extent.end - extent.start) as usize);
+        disk.read_at(&mut buffer[..], extent.start)?;
+        if blake3::hash(&buffer) == index.blocks[number].digest() {
+            let frame = compress_frame(&buffer, SEED_LEVEL)
+                .map_err(|e| Error::io(format!("compressing block {number} of the disk"), e))?;
+            append(number, &frame, &buffer)?;
+            number += 1;
+            continue;
+        }
+        // The block differs: fetch it with the differing blocks after it.
+        let mut end = number + 1;
+        while end < index.blocks.len() && end - number < MAX_RUN_BLOCKS {
+            let next = index.extent(end);
+            buffer.set_len((next.end - next.start) as usize);
+            disk.read_at(&mut buffer[..], next.start)?;
+            if blake3::hash(&buffer) == index.blocks[end].digest() {
+                break;
+            }
+            end += 1;
+        }
+        if !fetch.run(number..end, &mut append)? {
+            return Ok(None);
+        }
+        number = end;
+    }
+    out.flush()
+        .map_err(|e| Error::io(format!("writing the staged image {}", dest.display()), e))?;
+    drop(out);
+    let measured = measure.finish();
+    meter.finish_phase(measured.size);
+    pipeline::check_image(measured.size, &measured.sha256, image)?;
+    sync_file(dest)?;
+    Ok(Some((
+        Decoded {
+            format: ImageFormat::Zstd,
+            size: measured.size,
+            sha256: measured.sha256,
+            head: measured.head,
+        },
+        local,
+    )))
+}
+
+/// Blocks copied from the disk are compressed fast: they are staged, not
+/// served to a fleet.
+const SEED_LEVEL: i32 = 1;
 
 /// What decoding the staged stream found.
 struct Decoded {
@@ -319,6 +470,152 @@ mod tests {
         fn target_unchanged(&self) -> bool {
             hash_file(&self.target).expect("target").0 == self.target_sha
         }
+    }
+
+    /// v1 (three random blocks and a short one) on a 32 MiB target, and
+    /// v2 (v1 with block 2 changed) packed with a block index.
+    struct Seeded {
+        dir: tempfile::TempDir,
+        v2: Vec<u8>,
+        packed: PathBuf,
+        index: BlockIndex,
+        target: PathBuf,
+        target_sha: String,
+    }
+
+    fn seeded() -> Seeded {
+        use crate::image::block_index::BLOCK_SIZE;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut v1 = vec![0u8; (3 * BLOCK_SIZE + 5000) as usize];
+        fastrand::Rng::with_seed(21).fill(&mut v1);
+        let mut v2 = v1.clone();
+        fastrand::Rng::with_seed(22)
+            .fill(&mut v2[2 * BLOCK_SIZE as usize + 100..2 * BLOCK_SIZE as usize + 9000]);
+        let raw = dir.path().join("v2.img");
+        std::fs::write(&raw, &v2).expect("raw");
+        let packed = dir.path().join("v2.img.zst");
+        let options = crate::image::pack::PackOptions {
+            level: 1,
+            block_index: true,
+        };
+        crate::image::pack::pack(&raw, &packed, options).expect("packs");
+        let text = std::fs::read(crate::image::pack::index_path(&packed)).expect("index");
+        let index = BlockIndex::parse(&text).expect("index");
+        let target = dir.path().join("disk.img");
+        let mut disk = v1.clone();
+        disk.resize(32 * MIB as usize, 0x77);
+        std::fs::write(&target, &disk).expect("target");
+        let target_sha = hex::encode(Sha256::digest(&disk));
+        Seeded {
+            dir,
+            v2,
+            packed,
+            index,
+            target,
+            target_sha,
+        }
+    }
+
+    impl Seeded {
+        fn stage(&self, index: &BlockIndex) -> (Result<Option<(StagedImage, String)>>, u64) {
+            let location = Location::File(self.packed.clone());
+            let request = ImageRequest {
+                location: location.clone(),
+                sha256: Some(hex::encode(Sha256::digest(&self.v2))),
+                size: Some(self.v2.len() as u64),
+                format: Some(ImageFormat::Zstd),
+                block_index: None,
+            };
+            let mut fetch = BlockFetch::open(&location, &Default::default(), index).expect("opens");
+            let mut report = |_: &reimage_protocol::WriteProgress| {};
+            let mut meter = ProgressMeter::new(&mut report);
+            let dest = self.dir.path().join("staged.img");
+            let staged = stage_from_disk(
+                &mut fetch,
+                &request,
+                &dest,
+                &self.target,
+                &SaveSpec::default(),
+                &mut meter,
+            );
+            (staged, fetch.downloaded)
+        }
+    }
+
+    #[test]
+    fn staging_through_the_index_fetches_only_what_the_disk_lacks_and_stages_a_whole_image() {
+        let seeded = seeded();
+        let (staged, downloaded) = seeded.stage(&seeded.index);
+        let (staged, index_sha256) = staged.expect("stages").expect("ranges work");
+        assert_eq!(
+            downloaded, seeded.index.blocks[2].length,
+            "only block 2 was fetched"
+        );
+        assert_eq!(staged.sha256, hex::encode(Sha256::digest(&seeded.v2)));
+        let file = File::open(&staged.path).expect("staged");
+        let (_, mut decoded) = decode::open_decoder(file).expect("zstd");
+        let mut bytes = Vec::new();
+        decoded.read_to_end(&mut bytes).expect("decodes");
+        assert!(bytes == seeded.v2, "the staged file is the whole of v2");
+        let text = std::fs::read(staged_index_path(&staged.path)).expect("its index");
+        assert_eq!(index_sha256, hex::encode(Sha256::digest(&text)));
+        let local = BlockIndex::parse(&text).expect("a valid index");
+        assert_eq!(local.encoded_size(), staged_len(&staged.path));
+        assert_eq!(
+            hash_file(&seeded.target).expect("target").0,
+            seeded.target_sha
+        );
+
+        // The shutdown write through that index writes block 2 and the head.
+        let request = crate::pipeline::WriteRequest {
+            image: ImageRequest {
+                location: Location::File(staged.path.clone()),
+                sha256: Some(staged.sha256.clone()),
+                size: Some(staged.size),
+                format: Some(ImageFormat::Zstd),
+                block_index: Some(crate::image::block_index::IndexRef {
+                    location: Location::File(staged_index_path(&staged.path)),
+                    sha256: index_sha256,
+                }),
+            },
+            target: seeded.target.clone(),
+            save: SaveSpec::default(),
+            read_back: true,
+            http: Default::default(),
+            beside_mounts: Vec::new(),
+        };
+        let report = crate::pipeline::write_image(&request, &mut |_| {}).expect("writes");
+        let blocks = report.blocks.expect("through the index");
+        assert_eq!(
+            blocks.written,
+            crate::disk::HEAD_LEN as u64 + 3 * MIB + seeded.index.extent(2).end
+                - seeded.index.extent(2).start
+        );
+        let disk = std::fs::read(&seeded.target).expect("target");
+        assert!(
+            disk[..seeded.v2.len()] == seeded.v2[..],
+            "the disk holds v2"
+        );
+    }
+
+    #[test]
+    fn a_fetched_block_that_is_not_the_indexed_one_fails_staging_and_leaves_nothing() {
+        let seeded = seeded();
+        let mut wrong = seeded.index.clone();
+        wrong.blocks[2].blake3 = "ab".repeat(32);
+        let (staged, _) = seeded.stage(&wrong);
+        let err = staged.expect_err("a wrong block");
+        assert_eq!(err.code(), "ImageCorrupt", "{err}");
+        assert!(!seeded.dir.path().join("staged.img").exists());
+        assert!(!staged_index_path(&seeded.dir.path().join("staged.img")).exists());
+        assert_eq!(
+            hash_file(&seeded.target).expect("target").0,
+            seeded.target_sha
+        );
+    }
+
+    fn staged_len(path: &Path) -> u64 {
+        std::fs::metadata(path).expect("staged").len()
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Where images come from and how they are decoded and checked.
 
 pub mod allowed_urls;
+pub mod block_fetch;
 pub mod block_index;
 pub mod decode;
 pub mod digest;

@@ -192,7 +192,7 @@ fn encode_blocks<W: Write>(
 }
 
 /// One self-contained zstd frame, with its content size and checksum.
-fn compress_frame(raw: &[u8], level: i32) -> io::Result<Vec<u8>> {
+pub(crate) fn compress_frame(raw: &[u8], level: i32) -> io::Result<Vec<u8>> {
     use zstd::zstd_safe::CParameter;
     let mut compressor = zstd::bulk::Compressor::new(level)?;
     compressor.set_parameter(CParameter::ChecksumFlag(true))?;

@@ -89,6 +89,7 @@ fn handoff_rebooted(
             path: "staging/op.img".into(),
         },
         staged_sha256: "cd".repeat(32),
+        staged_index_sha256: None,
         format: reimage_protocol::ImageFormat::Zstd,
         image_size: 1 << 20,
         image_sha256: expected.to_string(),

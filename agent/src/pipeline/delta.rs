@@ -21,8 +21,8 @@ use super::{Job, Streamed, WriteRequest, check_image, stream_cut_off};
 use crate::disk::HEAD_LEN;
 use crate::disk::readback::{self, WrittenChunks};
 use crate::disk::sink;
+use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
 use crate::image::block_index::{BlockIndex, IndexRef};
-use crate::image::ranges::RangeReader;
 use crate::image::stream::{MeasuredStream, Piece};
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
@@ -40,10 +40,6 @@ pub struct BlockCounts {
     /// Raw bytes written (zeroed blocks included).
     pub written: u64,
 }
-
-/// Runs of differing blocks longer than this are fetched in several
-/// requests, so that one slow request does not hold a whole image.
-const MAX_RUN_BLOCKS: usize = 64;
 
 impl Job<'_> {
     /// Writes the image through its block index when it has one and the
@@ -73,14 +69,10 @@ impl Job<'_> {
         }
         let index = self.load_index(index_ref, request)?;
         self.check_fits(Some(index.image_size))?;
-        let mut fetch = Fetch {
-            reader: RangeReader::open(&image.location, &request.http)?,
-            index: &index,
-            downloaded: 0,
-        };
+        let mut fetch = BlockFetch::open(&image.location, &request.http, &index)?;
         meter.phase(Phase::Downloading, None);
         let mut head = None;
-        if !fetch.run(0..1, &mut |_, raw| {
+        if !fetch.run(0..1, &mut |_, _, raw| {
             head = Some(raw.to_vec());
             Ok(())
         })? {
@@ -234,59 +226,6 @@ impl Job<'_> {
     }
 }
 
-/// Fetches runs of blocks from the image's source.
-struct Fetch<'i> {
-    reader: RangeReader,
-    index: &'i BlockIndex,
-    /// Encoded bytes fetched.
-    downloaded: u64,
-}
-
-impl Fetch<'_> {
-    /// Fetches the consecutive blocks `numbers` in one range, decodes each
-    /// and checks it against the index before handing it to `each`.
-    /// `Ok(false)`: the source does not honour ranges.
-    fn run(
-        &mut self,
-        numbers: Range<usize>,
-        each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
-    ) -> Result<bool> {
-        let blocks = &self.index.blocks[numbers.clone()];
-        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
-            return Ok(true);
-        };
-        if !self.reader.select(first.offset..last.frame().end)? {
-            return Ok(false);
-        }
-        let mut decompressor =
-            zstd::bulk::Decompressor::new().map_err(|e| Error::io("starting a zstd decoder", e))?;
-        let mut frame = Vec::new();
-        for (number, block) in numbers.zip(blocks) {
-            frame.resize(block.length as usize, 0);
-            self.reader
-                .read_exact(&mut frame)
-                .map_err(|e| Error::from_io(e, &format!("fetching block {number}")))?;
-            self.downloaded += block.length;
-            let extent = self.index.extent(number);
-            let want = (extent.end - extent.start) as usize;
-            let raw = decompressor.decompress(&frame, want).map_err(|e| {
-                Error::ImageCorrupt(format!("block {number}'s zstd frame does not decode: {e}"))
-            })?;
-            if raw.len() != want || blake3::hash(&raw) != block.digest() {
-                return Err(Error::ImageCorrupt(format!(
-                    "block {number} (bytes {}..{} of the image) decodes to {} bytes that are not \
-                     the ones the block index describes",
-                    extent.start,
-                    extent.end,
-                    raw.len()
-                )));
-            }
-            each(number, &raw)?;
-        }
-        Ok(true)
-    }
-}
-
 /// Writes blocks of the image to the target and records them for the
 /// read-back.
 struct BlockWriter<'j, 't> {
@@ -302,7 +241,7 @@ impl BlockWriter<'_, '_> {
     /// from `done`.
     fn write_blocks(
         &mut self,
-        fetch: &mut Fetch<'_>,
+        fetch: &mut BlockFetch<'_>,
         numbers: &[usize],
         meter: &mut ProgressMeter<'_>,
         mut done: u64,
@@ -323,7 +262,7 @@ impl BlockWriter<'_, '_> {
                 .enumerate()
                 .take_while(|&(i, &n)| n == first + i && !index.blocks[n].zero)
                 .count();
-            let honoured = fetch.run(first..first + run, &mut |number, raw| {
+            let honoured = fetch.run(first..first + run, &mut |number, _, raw| {
                 self.write_block(index, number, raw)?;
                 done += raw.len() as u64;
                 meter.update(done);
