@@ -14,7 +14,8 @@
 #   disk.img               the whole disk: GPT, 1: root, 2 (last): local-storage
 #   os.img                 the OS image: GPT with only `root`, ending before
 #                          local-storage starts on disk.img
-#   os.img.zst(.manifest.json)  os.img packed by `reimage-agent image pack`
+#   os.img.zst(.manifest.json, .index.json)  os.img packed by
+#                          `reimage-agent image pack --block-index`
 #   saved.sha256           sha256sum line of saved.txt on local-storage
 #   admin.token            the API admin token (unless --token-file names one)
 #   image.env              shell variables describing all of the above
@@ -149,7 +150,8 @@ build_key=$({
     echo "marker=$marker token=$token_sha disk=$disk_mib storage=$storage_mib staging=$staging"
     sha256sum "$agent" "$repo/systemd/reimage-agent.service" "$repo/systemd/reimage-agent.sysusers" "$0" | cut -d' ' -f1
 } | sha256sum | cut -d' ' -f1)
-outputs=(vmlinuz initrd.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json saved.sha256 image.env)
+outputs=(vmlinuz initrd.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json
+    os.img.zst.index.json saved.sha256 image.env)
 up_to_date=1
 [ "$(cat "$out/build.key" 2>/dev/null)" = "$build_key" ] || up_to_date=0
 for f in "${outputs[@]}"; do [ -e "$out/$f" ] || up_to_date=0; done
@@ -252,7 +254,12 @@ cp "$initrd" "$work/initrd.img"
 used_mib=$(( $(du -sk "$r" | cut -f1) / 1024 ))
 root_mib=$(( (used_mib * 5 / 4 + 128 + 63) / 64 * 64 ))
 say "making root.img: ${root_mib} MiB ext4 from ${used_mib} MiB of files"
-mkfs.ext4 -q -F -L root -d "$r" "$work/root.img" "${root_mib}M" >/dev/null
+# Reproducible, as a release pipeline makes it: a fixed UUID, hash seed and
+# time, so that two builds differ only where their files do and a write
+# through the block index moves only those blocks.
+E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -F -L root \
+    -U 5f3c2a1e-8d4b-4e6f-9a0b-1c2d3e4f5a6b -E hash_seed=0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d \
+    -d "$r" "$work/root.img" "${root_mib}M" >/dev/null
 
 say "making local-storage: ${storage_mib} MiB ext4 holding saved.txt"
 mkdir "$work/storage"
@@ -293,7 +300,7 @@ labels() { sgdisk -p "$1" | awk '/^ +[0-9]+ / {printf "%s ", $NF}'; }
     die "disk.img: partitions: $(labels "$work/disk.img")"
 
 say "packing os.img"
-"$agent" image pack "$work/os.img" -o "$work/os.img.zst" >/dev/null
+"$agent" image pack --block-index "$work/os.img" -o "$work/os.img.zst" >/dev/null
 
 cat >"$work/image.env" <<EOF
 # Written by images/build-vm-image.sh; sizes and offsets in MiB.

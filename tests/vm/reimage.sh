@@ -59,15 +59,18 @@ serve=$work/serve
 rm -rf "$serve" "$run"
 mkdir -p "$serve/old" "$serve/new" "$serve/bad" "$run"
 for image in old new; do
-    ln -s "$work/$image/os.img.zst" "$serve/$image/os.img.zst"
-    ln -s "$work/$image/os.img.zst.manifest.json" "$serve/$image/os.img.zst.manifest.json"
+    for file in os.img.zst os.img.zst.manifest.json os.img.zst.index.json; do
+        ln -s "$work/$image/$file" "$serve/$image/$file"
+    done
 done
-cp "$work/new/os.img.zst" "$serve/bad/os.img.zst"
-cp "$work/new/os.img.zst.manifest.json" "$serve/bad/os.img.zst.manifest.json"
-# One byte in the middle of the stream inverted: it decodes to another image
-# or not at all; either way the checks must stop it. (Inverted, not set: a
-# byte set to a fixed value is already that value once in 256 runs.)
-middle=$(( $(stat -c %s "$serve/bad/os.img.zst") / 2 ))
+for file in os.img.zst os.img.zst.manifest.json os.img.zst.index.json; do
+    cp "$work/new/$file" "$serve/bad/$file"
+done
+# One byte in the middle of block 0's frame inverted (the block every write
+# through the index fetches): it decodes to another block or not at all;
+# either way the checks must stop it. (Inverted, not set: a byte set to a
+# fixed value is already that value once in 256 runs.)
+middle=$(jq '.blocks[0].offset + (.blocks[0].length / 2 | floor)' "$serve/bad/os.img.zst.index.json")
 byte=$(od -An -tu1 -j "$middle" -N1 "$serve/bad/os.img.zst" | tr -d ' ')
 printf "\\x$(printf %02x $((byte ^ 0xff)))" |
     dd of="$serve/bad/os.img.zst" bs=1 seek="$middle" conv=notrunc status=none
@@ -98,6 +101,21 @@ wait_op() {
 }
 
 marker() { vm_run_task "marker-$1" "cat /etc/reimage-marker"; }
+
+# moved NAME OPERATION: an in-place reimage through the block index fetched
+# (staging, the running disk as the seed) and wrote (the handoff, after the
+# old root was unmounted) less than the whole image; prints both.
+moved() {
+    local packed fetched written total
+    packed=$(stat -L -c %s "$serve/$1/os.img.zst")
+    fetched=$(jq -r '.progress.bytesDownloaded // empty' <<<"$2")
+    written=$(jq -r .progress.bytesWritten <<<"$2")
+    total=$(jq -r .progress.totalBytes <<<"$2")
+    [ -n "$fetched" ] || fail "the $1 image was not staged through its block index: $2"
+    echo "through the block index: fetched $fetched of $packed compressed bytes ($(( fetched * 100 / packed )) %), wrote $written of $total ($(( written * 100 / total )) %)"
+    [ "$fetched" -lt "$packed" ] || fail "staging fetched the whole image: $2"
+    [ "$written" -lt "$total" ] || fail "the handoff wrote the whole image: $2"
+}
 saved_ok() {
     local got
     got=$(vm_run_task "saved-$1" "cd /var/lib/reimage-agent && sha256sum saved.txt")
@@ -132,6 +150,7 @@ result=$(wait_op "$op")
 echo "operation: $(jq -c '{status, phase, error, requeuedTasks}' <<<"$result")"
 [ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage to the new image did not succeed: $result"
 jq -e '.requeuedTasks | index("worker")' <<<"$result" >/dev/null || fail "the worker task was not requeued: $result"
+moved new "$result"
 phase_done "reimage old → new (state_dir)"
 
 [ "$(marker new)" = "new image" ] || fail "the guest does not run the new image"
@@ -158,6 +177,7 @@ op=$(reimage old terminate)
 result=$(wait_op "$op")
 echo "operation: $(jq -c '{status, phase, error}' <<<"$result")"
 [ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage back to the old image did not succeed: $result"
+moved old "$result"
 [ "$(marker back)" = "old image" ] || fail "the guest does not run the old image again"
 saved_ok back
 phase_done "reimage new → old (memory)"

@@ -3,6 +3,7 @@
 //! agent ran. No outcome at all means the handoff never ran.
 
 use super::plan::write_atomically;
+use crate::pipeline::BlockCounts;
 use crate::{Error, Result};
 use jiff::Timestamp;
 use reimage_protocol::ErrorCode;
@@ -16,8 +17,14 @@ pub const HANDOFF_DIR: &str = "handoff";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "result")]
 pub enum Outcome {
-    /// The image is on the disk, verified, with the merged partition table.
-    Written { sha256: String, size: u64 },
+    /// The image is on the disk, verified, with the merged partition table;
+    /// through a block index, what was written and kept.
+    Written {
+        sha256: String,
+        size: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocks: Option<BlockCounts>,
+    },
     /// Nothing was written; the node boots its old system.
     Refused { code: ErrorCode, message: String },
     /// The write failed part way; the disk holds only the saved partitions.

@@ -45,6 +45,8 @@ pub struct InPlaceRequest {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub staged: StagedImage,
+    /// Staged through a block index: the encoded bytes fetched.
+    pub downloaded: Option<u64>,
     /// `state_dir/handoff/<operation>.plan.json`.
     pub plan_path: PathBuf,
 }
@@ -119,18 +121,20 @@ pub fn stage(
             if let Some((staged, _)) = &seeded {
                 tracing::info!(
                     downloaded = fetch.downloaded,
-                    encoded = staged_len(&staged.path),
+                    staged_bytes = staged_len(&staged.path),
                     "staged through the block index, the disk as the seed"
                 );
             } else {
                 tracing::info!(image = %image.location, "staging the whole image: the server does not honour Range requests");
             }
-            seeded
+            seeded.map(|seeded| (seeded, fetch.downloaded))
         }
         None => None,
     };
-    let (staged, staged_index_sha256) = match seeded {
-        Some((staged, index_sha256)) => (staged, Some(index_sha256)),
+    let (staged, staged_index_sha256, downloaded) = match seeded {
+        Some(((staged, index_sha256), downloaded)) => {
+            (staged, Some(index_sha256), Some(downloaded))
+        }
         None => {
             let source = match source.take() {
                 Some(source) => source,
@@ -144,7 +148,7 @@ pub fn stage(
                 &request.save,
                 &mut meter,
             )?;
-            (staged, None)
+            (staged, None, None)
         }
     };
     let plan = HandoffPlan {
@@ -174,6 +178,7 @@ pub fn stage(
     plan.save(&path)?;
     Ok(Prepared {
         staged,
+        downloaded,
         plan_path: path,
     })
 }

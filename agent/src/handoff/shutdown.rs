@@ -130,6 +130,7 @@ fn write_and_record(
         Ok(report) => Outcome::Written {
             sha256: report.sha256,
             size: report.size,
+            blocks: report.blocks,
         },
         Err(HandoffFailure::Refused(err)) => Outcome::Refused {
             code: err.code(),

@@ -147,20 +147,31 @@ impl Agent {
         };
         tracing::info!(operation = %id, outcome = ?record.outcome, seconds = record.elapsed_seconds, "the shutdown handoff's outcome");
         match record.outcome {
-            Outcome::Written { sha256, size } if sha256 == expected => {
+            Outcome::Written {
+                sha256,
+                size,
+                blocks,
+            } if sha256 == expected => {
                 // What the handoff wrote, at the rate it wrote it.
                 let rate = if record.elapsed_seconds > 0.0 {
                     (size as f64 / record.elapsed_seconds) as u64
                 } else {
                     0
                 };
-                crate::metrics::global().bytes_written.inc_by(size);
+                let written = blocks.map_or(size, |b| b.written);
+                let metrics = crate::metrics::global();
+                metrics.bytes_written.inc_by(written);
+                if let Some(blocks) = blocks {
+                    metrics.bytes_unchanged.inc_by(blocks.unchanged);
+                }
                 self.update(id, |op| {
                     op.progress = OperationProgress {
-                        bytes_written: size,
+                        bytes_written: written,
                         total_bytes: Some(size),
                         bytes_per_second: rate,
-                        ..OperationProgress::default()
+                        // Staging's download; the handoff read its own copy.
+                        bytes_downloaded: op.progress.bytes_downloaded,
+                        bytes_unchanged: blocks.map(|b| b.unchanged),
                     }
                 })?;
                 self.confirm(id)

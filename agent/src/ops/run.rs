@@ -26,6 +26,8 @@ pub(super) struct Written {
     pub elapsed: Duration,
     /// Written through a block index: what was fetched, kept and written.
     pub blocks: Option<BlockCounts>,
+    /// Staged through a block index: the encoded bytes fetched.
+    pub downloaded: Option<u64>,
 }
 
 impl Written {
@@ -41,7 +43,7 @@ impl Written {
             } else {
                 0
             },
-            bytes_downloaded: self.blocks.map(|b| b.downloaded),
+            bytes_downloaded: self.blocks.map(|b| b.downloaded).or(self.downloaded),
             bytes_unchanged: self.blocks.map(|b| b.unchanged),
         }
     }
@@ -224,6 +226,7 @@ impl Agent {
             bytes: report.size,
             elapsed: report.elapsed,
             blocks: report.blocks,
+            downloaded: None,
         })
     }
 
@@ -267,6 +270,7 @@ impl Agent {
             bytes: prepared.staged.size,
             elapsed: started.elapsed(),
             blocks: None,
+            downloaded: prepared.downloaded,
         })
     }
 

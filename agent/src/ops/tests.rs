@@ -161,6 +161,7 @@ async fn a_handoff_that_wrote_the_expected_image_confirms_the_operation() {
     let written = Outcome::Written {
         sha256: "ab".repeat(32),
         size: 1 << 20,
+        blocks: None,
     };
     let (dir, agent, op) = after_handoff(Some(written)).await;
     assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
@@ -178,6 +179,7 @@ async fn a_handoff_that_wrote_another_image_fails_the_operation() {
     let other = Outcome::Written {
         sha256: "ef".repeat(32),
         size: 1 << 20,
+        blocks: None,
     };
     let (_dir, _agent, op) = after_handoff(Some(other)).await;
     assert_eq!(op.status, OperationStatus::Failed);

@@ -31,7 +31,8 @@ use std::io::Read;
 use std::ops::Range;
 
 /// What a write with a block index moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BlockCounts {
     /// Encoded bytes fetched from the image's source.
     pub downloaded: u64,
