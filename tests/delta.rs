@@ -7,9 +7,7 @@
 use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{
-    MIB, Part, labels, partition_sha256, read_range, target_disk, write_table,
-};
+use reimage_e2e::images::{MIB, labels, partition_sha256, read_range, target_disk, write_os_table};
 use serde_json::json;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -242,25 +240,7 @@ fn disk_image(dir: &Path, root: &Path) -> Result<Vec<u8>, String> {
     let efi = file_bytes(99);
     image[MIB as usize..3 * MIB as usize].copy_from_slice(&efi[..2 * MIB as usize]);
     image[3 * MIB as usize..3 * MIB as usize + fs_bytes.len()].copy_from_slice(&fs_bytes);
-    write_table(
-        &mut image,
-        &[
-            Part {
-                index: 1,
-                label: "efi",
-                first_mib: 1,
-                last_mib_excl: 3,
-                guid: 0xe1,
-            },
-            Part {
-                index: 2,
-                label: "root",
-                first_mib: 3,
-                last_mib_excl: IMAGE_MIB - 1,
-                guid: 0xe2,
-            },
-        ],
-    );
+    write_os_table(&mut image);
     Ok(image)
 }
 

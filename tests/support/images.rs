@@ -63,8 +63,16 @@ pub fn os_image(size_mib: u64, zero_mib: u64, seed: u64) -> Vec<u8> {
     }
     // Boot code in the MBR area, as a real image has.
     rng.fill(&mut image[..440]);
+    write_os_table(&mut image);
+    image
+}
+
+/// Writes the table of an OS image into `image` (its length is the image's
+/// size): `efi` from 1 to 3 MiB, `root` from 3 MiB to the last MiB.
+pub fn write_os_table(image: &mut Vec<u8>) {
+    let size_mib = image.len() as u64 / MIB;
     write_table(
-        &mut image,
+        image,
         &[
             Part {
                 index: 1,
@@ -82,7 +90,6 @@ pub fn os_image(size_mib: u64, zero_mib: u64, seed: u64) -> Vec<u8> {
             },
         ],
     );
-    image
 }
 
 /// A target disk file of `size_mib` MiB filled with random bytes, with an
