@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod block_index;
 pub mod client;
 pub mod error_code;
 pub mod manifest;

@@ -17,7 +17,7 @@ use super::stage::{
 use crate::disk::filesystem::{block_device_number, filesystem_of};
 use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::block_fetch::BlockFetch;
-use crate::image::block_index::BlockIndex;
+use crate::image::block_index::{self, BlockIndex};
 use crate::image::http::HttpOptions;
 use crate::image::source;
 use crate::pipeline::ImageRequest;
@@ -75,7 +75,7 @@ pub fn stage(
     let state = state_filesystem(&request.state_dir, &request.target, &request.save)?;
     let image = &request.image;
     let index = match (&image.block_index, image.size) {
-        (Some(index), Some(size)) => Some(BlockIndex::load(
+        (Some(index), Some(size)) => Some(block_index::load(
             &index.location,
             &index.sha256,
             size,

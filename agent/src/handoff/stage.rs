@@ -19,7 +19,7 @@ use crate::disk::aligned::AlignedBuf;
 use crate::disk::device::Target;
 use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
-use crate::image::block_index::{Block, BlockIndex};
+use crate::image::block_index::{self, Block, BlockIndex};
 use crate::image::decode;
 use crate::image::measure::{Measure, measure_to_end};
 use crate::image::pack::compress_frame;
@@ -256,7 +256,7 @@ fn seed_and_fetch(
         let extent = index.extent(number);
         buffer.set_len((extent.end - extent.start) as usize);
         disk.read_at(&mut buffer[..], extent.start)?;
-        if blake3::hash(&buffer) == index.blocks[number].digest() {
+        if blake3::hash(&buffer) == block_index::digest(&index.blocks[number]) {
             let frame = compress_frame(&buffer, SEED_LEVEL)
                 .map_err(|e| Error::io(format!("compressing block {number} of the disk"), e))?;
             append(number, &frame, &buffer)?;
@@ -269,7 +269,7 @@ fn seed_and_fetch(
             let next = index.extent(end);
             buffer.set_len((next.end - next.start) as usize);
             disk.read_at(&mut buffer[..], next.start)?;
-            if blake3::hash(&buffer) == index.blocks[end].digest() {
+            if blake3::hash(&buffer) == block_index::digest(&index.blocks[end]) {
                 break;
             }
             end += 1;
@@ -500,7 +500,7 @@ mod tests {
         };
         crate::image::pack::pack(&raw, &packed, options).expect("packs");
         let text = std::fs::read(crate::image::pack::index_path(&packed)).expect("index");
-        let index = BlockIndex::parse(&text).expect("index");
+        let index = block_index::parse(&text).expect("index");
         let target = dir.path().join("disk.img");
         let mut disk = v1.clone();
         disk.resize(32 * MIB as usize, 0x77);
@@ -559,7 +559,7 @@ mod tests {
         assert!(bytes == seeded.v2, "the staged file is the whole of v2");
         let text = std::fs::read(staged_index_path(&staged.path)).expect("its index");
         assert_eq!(index_sha256, hex::encode(Sha256::digest(&text)));
-        let local = BlockIndex::parse(&text).expect("a valid index");
+        let local = block_index::parse(&text).expect("a valid index");
         assert_eq!(local.encoded_size(), staged_len(&staged.path));
         assert_eq!(
             hash_file(&seeded.target).expect("target").0,

@@ -2,7 +2,7 @@
 //! consecutive blocks in one range request, each frame decoded and checked
 //! against the index before anyone sees it.
 
-use crate::image::block_index::BlockIndex;
+use crate::image::block_index::{self, BlockIndex};
 use crate::image::http::HttpOptions;
 use crate::image::ranges::RangeReader;
 use crate::image::source::Location;
@@ -64,7 +64,7 @@ impl<'i> BlockFetch<'i> {
             let raw = decompressor.decompress(&frame, want).map_err(|e| {
                 Error::ImageCorrupt(format!("block {number}'s zstd frame does not decode: {e}"))
             })?;
-            if raw.len() != want || blake3::hash(&raw) != block.digest() {
+            if raw.len() != want || blake3::hash(&raw) != block_index::digest(block) {
                 return Err(Error::ImageCorrupt(format!(
                     "block {number} (bytes {}..{} of the image) decodes to {} bytes that are not \
                      the ones the block index describes",

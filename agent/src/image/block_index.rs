@@ -1,169 +1,103 @@
-//! The block index of an image packed with `image pack --block-index`.
-//!
-//! The image is stored as one zstd frame per [`BLOCK_SIZE`] bytes of raw
-//! image, so that any block can be fetched (HTTP `Range`) and decoded on its
-//! own, while the file stays one valid zstd stream for any decoder. The
-//! index says, per block, the BLAKE3 digest of its raw bytes, whether they
-//! are all zeros, and where its frame is in the compressed file. The
-//! manifest names the index with its SHA-256, so a signed manifest covers
-//! it; a write that uses it still checks the whole image's SHA-256.
+//! Reading block indexes ([`reimage_protocol::block_index`]): parsed and
+//! checked, fetched against the SHA-256 the manifest gives for them (so a
+//! signed manifest covers the index), and the digest of a raw block. A
+//! write that uses an index still checks the whole image's SHA-256.
 
 use crate::disk::HEAD_LEN;
 use crate::image::digest::parse_sha256_hex;
 use crate::image::http::HttpOptions;
 use crate::image::source::{self, Location};
 use crate::{Error, Result};
-use serde::{Deserialize, Serialize};
+pub use reimage_protocol::block_index::{BLOCK_SIZE, Block, BlockIndex, VERSION};
 use sha2::{Digest, Sha256};
-use std::ops::Range;
-
-/// Raw bytes per block: an index of about 35 KB per GiB of image, and a
-/// small change costs at most 4 MiB per block it touches to fetch.
-pub const BLOCK_SIZE: u64 = 4 << 20;
-
-/// The format version this agent reads and writes.
-pub const VERSION: u32 = 1;
 
 /// An index of a terabyte image is about 40 MB; anything larger is not one.
 const INDEX_LIMIT: u64 = 64 << 20;
 
-/// `OUT.index.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BlockIndex {
-    pub version: u32,
-    /// Raw bytes per block; the last block may be shorter.
-    pub block_size: u64,
-    /// Bytes of the raw image.
-    pub image_size: u64,
-    pub blocks: Vec<Block>,
+/// A block's raw digest.
+pub fn digest(block: &Block) -> blake3::Hash {
+    // Checked when the index was parsed.
+    blake3::Hash::from_hex(&block.blake3).unwrap_or_else(|_| blake3::hash(b""))
 }
 
-/// One block of the raw image and its frame in the compressed file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Block {
-    /// BLAKE3 of the block's raw bytes, 64 hex digits.
-    pub blake3: String,
-    /// The raw bytes are all zeros: a write zeroes them, nothing is fetched.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub zero: bool,
-    /// Where the block's zstd frame starts in the compressed file.
-    pub offset: u64,
-    /// The frame's length in bytes.
-    pub length: u64,
+/// Parses and checks an index's text: the frames must tile the
+/// compressed file in order, one per block of the image, and the block
+/// size must hold the image's first MiB (which the commit writes last).
+pub fn parse(bytes: &[u8]) -> Result<BlockIndex> {
+    let invalid = |why: String| Error::ManifestInvalid(format!("block index: {why}"));
+    let index: BlockIndex = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    if index.version != VERSION {
+        return Err(invalid(format!(
+            "version {} (this agent reads version {VERSION})",
+            index.version
+        )));
+    }
+    if index.block_size < HEAD_LEN as u64 || !index.block_size.is_multiple_of(HEAD_LEN as u64) {
+        return Err(invalid(format!(
+            "block size {} is not a multiple of 1 MiB",
+            index.block_size
+        )));
+    }
+    let expected_blocks = index.image_size.div_ceil(index.block_size);
+    if index.blocks.len() as u64 != expected_blocks {
+        return Err(invalid(format!(
+            "{} blocks for an image of {} bytes in blocks of {} (expected {expected_blocks})",
+            index.blocks.len(),
+            index.image_size,
+            index.block_size
+        )));
+    }
+    let mut next = 0;
+    for (number, block) in index.blocks.iter().enumerate() {
+        if block.offset != next || block.length == 0 {
+            return Err(invalid(format!(
+                "block {number}'s frame ({} bytes at {}) does not follow the previous one (at {next})",
+                block.length, block.offset
+            )));
+        }
+        next = block
+            .offset
+            .checked_add(block.length)
+            .ok_or_else(|| invalid(format!("block {number}'s frame ends past 2^64")))?;
+        if blake3::Hash::from_hex(&block.blake3).is_err() {
+            return Err(invalid(format!(
+                "block {number}'s blake3 '{}' is not 64 hex digits",
+                block.blake3
+            )));
+        }
+    }
+    Ok(index)
 }
 
-impl Block {
-    /// The block's raw digest.
-    pub fn digest(&self) -> blake3::Hash {
-        // Checked when the index was loaded.
-        blake3::Hash::from_hex(&self.blake3).unwrap_or_else(|_| blake3::hash(b""))
+/// Fetches the index at `location` and checks it against the SHA-256
+/// the manifest gave for it and the image's size.
+pub fn load(
+    location: &Location,
+    sha256: &str,
+    image_size: u64,
+    http: &HttpOptions,
+) -> Result<BlockIndex> {
+    let bytes = source::read_small(location, INDEX_LIMIT, http)?;
+    let expected = parse_sha256_hex(sha256)
+        .map_err(|e| Error::ManifestInvalid(format!("blockIndex sha256 '{sha256}': {e}")))?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != expected {
+        return Err(Error::ImageChecksumMismatch {
+            expected: format!("{expected} (the block index {location})"),
+            actual,
+        });
     }
-
-    /// The block's frame in the compressed file.
-    pub fn frame(&self) -> Range<u64> {
-        self.offset..self.offset + self.length
+    let index = parse(&bytes).map_err(|e| match e {
+        Error::ManifestInvalid(why) => Error::ManifestInvalid(format!("{location}: {why}")),
+        other => other,
+    })?;
+    if index.image_size != image_size {
+        return Err(Error::ManifestInvalid(format!(
+            "{location}: the block index describes {} bytes, the manifest {image_size}",
+            index.image_size
+        )));
     }
-}
-
-impl BlockIndex {
-    /// The raw bytes of block `number`.
-    pub fn extent(&self, number: usize) -> Range<u64> {
-        let start = number as u64 * self.block_size;
-        start..(start + self.block_size).min(self.image_size)
-    }
-
-    /// Bytes of the compressed file.
-    pub fn encoded_size(&self) -> u64 {
-        self.blocks.last().map_or(0, |b| b.offset + b.length)
-    }
-
-    /// Blocks that are all zeros.
-    pub fn zero_blocks(&self) -> usize {
-        self.blocks.iter().filter(|b| b.zero).count()
-    }
-
-    /// Parses and checks an index's text: the frames must tile the
-    /// compressed file in order, one per block of the image, and the block
-    /// size must hold the image's first MiB (which the commit writes last).
-    pub fn parse(bytes: &[u8]) -> Result<BlockIndex> {
-        let invalid = |why: String| Error::ManifestInvalid(format!("block index: {why}"));
-        let index: BlockIndex =
-            serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        if index.version != VERSION {
-            return Err(invalid(format!(
-                "version {} (this agent reads version {VERSION})",
-                index.version
-            )));
-        }
-        if index.block_size < HEAD_LEN as u64 || !index.block_size.is_multiple_of(HEAD_LEN as u64) {
-            return Err(invalid(format!(
-                "block size {} is not a multiple of 1 MiB",
-                index.block_size
-            )));
-        }
-        let expected_blocks = index.image_size.div_ceil(index.block_size);
-        if index.blocks.len() as u64 != expected_blocks {
-            return Err(invalid(format!(
-                "{} blocks for an image of {} bytes in blocks of {} (expected {expected_blocks})",
-                index.blocks.len(),
-                index.image_size,
-                index.block_size
-            )));
-        }
-        let mut next = 0;
-        for (number, block) in index.blocks.iter().enumerate() {
-            if block.offset != next || block.length == 0 {
-                return Err(invalid(format!(
-                    "block {number}'s frame ({} bytes at {}) does not follow the previous one (at {next})",
-                    block.length, block.offset
-                )));
-            }
-            next = block
-                .offset
-                .checked_add(block.length)
-                .ok_or_else(|| invalid(format!("block {number}'s frame ends past 2^64")))?;
-            if blake3::Hash::from_hex(&block.blake3).is_err() {
-                return Err(invalid(format!(
-                    "block {number}'s blake3 '{}' is not 64 hex digits",
-                    block.blake3
-                )));
-            }
-        }
-        Ok(index)
-    }
-
-    /// Fetches the index at `location` and checks it against the SHA-256
-    /// the manifest gave for it and the image's size.
-    pub fn load(
-        location: &Location,
-        sha256: &str,
-        image_size: u64,
-        http: &HttpOptions,
-    ) -> Result<BlockIndex> {
-        let bytes = source::read_small(location, INDEX_LIMIT, http)?;
-        let expected = parse_sha256_hex(sha256)
-            .map_err(|e| Error::ManifestInvalid(format!("blockIndex sha256 '{sha256}': {e}")))?;
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if actual != expected {
-            return Err(Error::ImageChecksumMismatch {
-                expected: format!("{expected} (the block index {location})"),
-                actual,
-            });
-        }
-        let index = BlockIndex::parse(&bytes).map_err(|e| match e {
-            Error::ManifestInvalid(why) => Error::ManifestInvalid(format!("{location}: {why}")),
-            other => other,
-        })?;
-        if index.image_size != image_size {
-            return Err(Error::ManifestInvalid(format!(
-                "{location}: the block index describes {} bytes, the manifest {image_size}",
-                index.image_size
-            )));
-        }
-        Ok(index)
-    }
+    Ok(index)
 }
 
 /// Where an image's index is and what it must hash to.
@@ -203,17 +137,15 @@ mod tests {
     }
 
     fn parsed(index: &BlockIndex) -> Result<BlockIndex> {
-        BlockIndex::parse(&serde_json::to_vec(index).expect("serialises"))
+        parse(&serde_json::to_vec(index).expect("serialises"))
     }
 
     #[test]
-    fn a_consistent_index_parses_and_describes_its_blocks() {
+    fn a_consistent_index_parses_and_its_digests_are_those_of_the_blocks() {
         let good = index(3, 2 * BLOCK_SIZE + 512);
         let back = parsed(&good).expect("valid");
         assert_eq!(back, good);
-        assert_eq!(back.extent(2), 2 * BLOCK_SIZE..2 * BLOCK_SIZE + 512);
-        assert_eq!(back.encoded_size(), 30);
-        assert_eq!(back.blocks[1].frame(), 10..20);
+        assert_eq!(digest(&back.blocks[1]), blake3::hash(b"x"));
     }
 
     #[test]
@@ -250,14 +182,11 @@ mod tests {
         let location = Location::File(path);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let http = HttpOptions::default();
-        assert_eq!(
-            BlockIndex::load(&location, &sha256, 4096, &http).expect("loads"),
-            good
-        );
+        assert_eq!(load(&location, &sha256, 4096, &http).expect("loads"), good);
         let other = hex::encode(Sha256::digest(b"other"));
-        let err = BlockIndex::load(&location, &other, 4096, &http).expect_err("wrong hash");
+        let err = load(&location, &other, 4096, &http).expect_err("wrong hash");
         assert!(matches!(err, Error::ImageChecksumMismatch { .. }), "{err}");
-        let err = BlockIndex::load(&location, &sha256, 8192, &http).expect_err("wrong size");
+        let err = load(&location, &sha256, 8192, &http).expect_err("wrong size");
         assert!(err.to_string().contains("the manifest 8192"), "{err}");
     }
 }

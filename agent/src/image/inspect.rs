@@ -4,7 +4,7 @@
 
 use crate::Result;
 use crate::disk::gpt::format_guid;
-use crate::image::block_index::BlockIndex;
+use crate::image::block_index;
 use crate::image::decode;
 use crate::image::http::HttpOptions;
 use crate::image::measure::measure_to_end;
@@ -84,7 +84,7 @@ pub fn inspect(location: &Location, options: &HttpOptions) -> Result<ImageInfo> 
             .as_ref()
             .map(|index| {
                 let at = location.join(&index.url)?;
-                let loaded = BlockIndex::load(&at, &index.sha256, manifest.size, options)?;
+                let loaded = block_index::load(&at, &index.sha256, manifest.size, options)?;
                 Ok::<_, crate::Error>((at, loaded))
             })
             .transpose()?,
@@ -116,7 +116,9 @@ pub fn inspect(location: &Location, options: &HttpOptions) -> Result<ImageInfo> 
             zero_blocks: index.zero_blocks(),
             encoded_size: index.encoded_size(),
             mismatched_blocks: (0..index.blocks.len().max(digests.len()))
-                .filter(|&n| index.blocks.get(n).map(|b| b.digest()) != digests.get(n).copied())
+                .filter(|&n| {
+                    index.blocks.get(n).map(block_index::digest) != digests.get(n).copied()
+                })
                 .collect(),
         }),
     })

@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(named.url, "os.img.zst.index.json");
         let text = fs::read(index_path(&out)).expect("index written");
         assert_eq!(named.sha256, hex::encode(Sha256::digest(&text)));
-        let index = BlockIndex::parse(&text).expect("a valid index");
+        let index = block_index::parse(&text).expect("a valid index");
         assert_eq!(index.image_size, data.len() as u64);
         assert_eq!(index.blocks.len(), 4);
         let zeros: Vec<bool> = index.blocks.iter().map(|b| b.zero).collect();
@@ -325,7 +325,7 @@ mod tests {
             let frame = &packed[block.frame().start as usize..block.frame().end as usize];
             let decoded = zstd::bulk::decompress(frame, BLOCK_SIZE as usize).expect("a frame");
             assert!(decoded[..] == data[extent.start as usize..extent.end as usize]);
-            assert_eq!(block.digest(), blake3::hash(&decoded));
+            assert_eq!(block_index::digest(block), blake3::hash(&decoded));
         }
         let (_, mut reader) = open_decoder(File::open(&out).expect("packed")).expect("decodes");
         let mut decoded = Vec::new();

@@ -22,7 +22,7 @@ use crate::disk::HEAD_LEN;
 use crate::disk::readback::{self, WrittenChunks};
 use crate::disk::sink;
 use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
-use crate::image::block_index::{BlockIndex, IndexRef};
+use crate::image::block_index::{self, BlockIndex, IndexRef};
 use crate::image::stream::{MeasuredStream, Piece};
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
@@ -94,7 +94,7 @@ impl Job<'_> {
         let head_tail = block0.len() - held;
         meter.phase(
             Phase::Downloading,
-            Some(head_tail as u64 + blocks_len(&index, &wanted)),
+            Some(head_tail as u64 + index.extents_len(&wanted)),
         );
         writer.write_block(&index, 0, &block0)?;
         writer.write_blocks(&mut fetch, &wanted, meter, head_tail as u64)?;
@@ -121,7 +121,7 @@ impl Job<'_> {
             }
             tracing::warn!(blocks = ?stale, "blocks changed on the disk after they were compared; fetching them again");
             writer.written = WrittenChunks::new();
-            meter.phase(Phase::Downloading, Some(blocks_len(&index, &stale)));
+            meter.phase(Phase::Downloading, Some(index.extents_len(&stale)));
             writer.write_blocks(&mut fetch, &stale, meter, 0)?;
             self.target.sync()?;
             writer.written.verify(self.target, meter, 0)?;
@@ -131,7 +131,7 @@ impl Job<'_> {
         let unchanged: Vec<usize> = (1..index.blocks.len()).filter(|&n| holds[n]).collect();
         let counts = BlockCounts {
             downloaded: fetch.downloaded,
-            unchanged: blocks_len(&index, &unchanged),
+            unchanged: index.extents_len(&unchanged),
             // The held head is written by the commit.
             written: writer.bytes + held as u64,
         };
@@ -160,7 +160,7 @@ impl Job<'_> {
                 "a manifest with a block index must give the image's size".into(),
             )
         })?;
-        BlockIndex::load(&index_ref.location, &index_ref.sha256, size, &request.http)
+        block_index::load(&index_ref.location, &index_ref.sha256, size, &request.http)
     }
 
     /// Which blocks the target already holds: each block of the image
@@ -174,7 +174,7 @@ impl Job<'_> {
         readback::read_each(
             self.target,
             &extents,
-            &|number, bytes| Ok(blake3::hash(bytes) == index.blocks[number].digest()),
+            &|number, bytes| Ok(blake3::hash(bytes) == block_index::digest(&index.blocks[number])),
             &mut |number, len, same| {
                 holds[number] = same;
                 done += len;
@@ -252,7 +252,7 @@ impl BlockWriter<'_, '_> {
         while let Some(&first) = rest.first() {
             if index.blocks[first].zero {
                 self.zero_block(index, first)?;
-                done += extent_len(index, first);
+                done += index.extents_len(&[first]);
                 meter.update(done);
                 rest = &rest[1..];
                 continue;
@@ -317,16 +317,6 @@ impl BlockWriter<'_, '_> {
             Some(self.job.target.size()),
         )
     }
-}
-
-fn extent_len(index: &BlockIndex, number: usize) -> u64 {
-    let extent = index.extent(number);
-    extent.end - extent.start
-}
-
-/// Raw bytes of the blocks `numbers`.
-fn blocks_len(index: &BlockIndex, numbers: &[usize]) -> u64 {
-    numbers.iter().map(|&n| extent_len(index, n)).sum()
 }
 
 /// Reads `pos..end` of a target in order.
