@@ -6,7 +6,7 @@
 # rewritten in place and the file system made again with the same UUIDs,
 # so the change is what a small OS update makes. Both are packed with
 # `image pack --block-index` and served from 127.0.0.1 by a server with
-# byte ranges and If-Range (bench/range_server.py), which counts the bytes
+# byte ranges and If-Range (tests/support/range_server.py), which counts the bytes
 # it sends.
 #   delta  reimage-agent write --manifest v2 (with its block index) onto
 #          the device holding v1: compare, fetch and write what differs,
@@ -93,7 +93,7 @@ with open(sys.argv[1] + "/v2-full.manifest.json", "w") as f:
 PY
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-python3 bench/range_server.py "$port" "$work/www" &
+python3 tests/support/range_server.py "$port" "$work/www" &
 server_pid=$!
 base="http://127.0.0.1:$port"
 for _ in $(seq 100); do python3 -c "import urllib.request; urllib.request.urlopen('$base/v1.img.zst.manifest.json')" 2>/dev/null && break; sleep 0.1; done

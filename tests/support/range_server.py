@@ -2,7 +2,8 @@
 """range_server.py PORT DIR: serves DIR on 127.0.0.1:PORT with single byte
 ranges (206, Content-Range), a strong ETag and If-Range, which Python's
 http.server does not have; and counts the body bytes it sent in
-DIR/.served (one line per request: path and bytes)."""
+DIR/.served (one line per request: path and bytes). The VM tests serve
+images to the guest with it, and bench/delta.sh to the agent."""
 import email.utils
 import os
 import re

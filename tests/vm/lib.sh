@@ -33,7 +33,8 @@ vm_free_port() {
 
 # vm_session TOKEN_FILE SERVE_DIR HTTP_LOG: picks the API port ($port) and
 # the port the guest fetches files by ($serve_port), exports VM_API and
-# VM_TOKEN, serves SERVE_DIR on 127.0.0.1:$serve_port, and sets an EXIT
+# VM_TOKEN, serves SERVE_DIR on 127.0.0.1:$serve_port (with byte ranges:
+# tests/support/range_server.py), and sets an EXIT
 # trap that stops QEMU ($vm_pid, once the caller sets it) and the server.
 vm_session() {
     port=$(vm_free_port)
@@ -41,7 +42,9 @@ vm_session() {
     export VM_API=http://127.0.0.1:$port
     VM_TOKEN=$(tr -d '\n' <"$1")
     export VM_TOKEN
-    python3 -m http.server --bind 127.0.0.1 --directory "$2" "$serve_port" >"$3" 2>&1 &
+    # Byte ranges and If-Range, for writes through a block index; it counts
+    # the bytes it sends in SERVE_DIR/.served.
+    python3 "$(dirname "${BASH_SOURCE[0]}")/../support/range_server.py" "$serve_port" "$2" >"$3" 2>&1 &
     vm_http_pid=$!
     vm_pid=""
     trap vm_session_end EXIT

@@ -58,6 +58,7 @@ ctl=${CARGO_TARGET_DIR:-$repo/target}/release/reimagectl
 serve=$work/serve
 rm -rf "$serve" "$run"
 mkdir -p "$serve/old" "$serve/new" "$serve/bad" "$run"
+: >"$serve/.served"
 for image in old new; do
     for file in os.img.zst os.img.zst.manifest.json os.img.zst.index.json; do
         ln -s "$work/$image/$file" "$serve/$image/$file"
@@ -103,17 +104,20 @@ wait_op() {
 marker() { vm_run_task "marker-$1" "cat /etc/reimage-marker"; }
 
 # moved NAME OPERATION: an in-place reimage through the block index fetched
-# (staging, the running disk as the seed) and wrote (the handoff, after the
-# old root was unmounted) less than the whole image; prints both.
+# (staging, the running disk as the seed; as the agent and the server count
+# it) and wrote (the handoff, after the old root was unmounted) less than
+# the whole image; prints the figures and starts the server's count anew.
 moved() {
-    local packed fetched written total
+    local packed fetched served written total
     packed=$(stat -L -c %s "$serve/$1/os.img.zst")
+    served=$(awk -v p="/$1/os.img.zst" '$1 == p { n += $2 } END { print n + 0 }' "$serve/.served")
+    : >"$serve/.served"
     fetched=$(jq -r '.progress.bytesDownloaded // empty' <<<"$2")
     written=$(jq -r .progress.bytesWritten <<<"$2")
     total=$(jq -r .progress.totalBytes <<<"$2")
     [ -n "$fetched" ] || fail "the $1 image was not staged through its block index: $2"
-    echo "through the block index: fetched $fetched of $packed compressed bytes ($(( fetched * 100 / packed )) %), wrote $written of $total ($(( written * 100 / total )) %)"
-    [ "$fetched" -lt "$packed" ] || fail "staging fetched the whole image: $2"
+    echo "through the block index: fetched $fetched of $packed compressed bytes ($(( fetched * 100 / packed )) %; the server sent $served), wrote $written of $total ($(( written * 100 / total )) %)"
+    [ "$fetched" -lt "$packed" ] && [ "$served" -lt "$packed" ] || fail "staging fetched the whole image: $2"
     [ "$written" -lt "$total" ] || fail "the handoff wrote the whole image: $2"
 }
 saved_ok() {
