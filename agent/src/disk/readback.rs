@@ -178,6 +178,85 @@ pub fn read_each<T: Send>(
     })
 }
 
+/// Reads `extents` of `target` with [`READS_IN_FLIGHT`] reads in flight and
+/// hands them to `each(number, bytes)` on the caller's thread in order, so
+/// that an in-order digest (SHA-256) runs while the disk reads ahead. At
+/// most twice [`READS_IN_FLIGHT`] extents are held at once. The first error
+/// stops the reads and is returned.
+pub fn read_in_order(
+    target: &Target,
+    extents: &[Range<u64>],
+    each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let largest = extents.iter().map(|e| e.end - e.start).max().unwrap_or(0) as usize;
+    let next = AtomicUsize::new(0);
+    // Buffers circulate: a reader takes one before it claims the next
+    // extent, so the lowest extent not yet handed on is always being read
+    // and the caller never waits on a reader that waits on it.
+    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+    for _ in 0..2 * READS_IN_FLIGHT {
+        let _ = free_tx.send(AlignedBuf::new(largest));
+    }
+    let free_rx = std::sync::Mutex::new(free_rx);
+    let (read_tx, read) = mpsc::channel::<(usize, Result<AlignedBuf>)>();
+    std::thread::scope(|scope| {
+        // Owned here, so that it is dropped before the readers are joined.
+        let free_tx = free_tx;
+        for _ in 0..READS_IN_FLIGHT.min(extents.len()) {
+            let read_tx = read_tx.clone();
+            let (next, free_rx) = (&next, &free_rx);
+            let reader = move || {
+                loop {
+                    let buffer = match free_rx.lock().map(|free| free.recv()) {
+                        Ok(Ok(buffer)) => buffer,
+                        _ => break,
+                    };
+                    let number = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(extent) = extents.get(number) else {
+                        break;
+                    };
+                    let mut buffer = buffer;
+                    buffer.set_len((extent.end - extent.start) as usize);
+                    let result = target
+                        .read_at(&mut buffer[..], extent.start)
+                        .map(|()| buffer);
+                    if read_tx.send((number, result)).is_err() {
+                        break;
+                    }
+                }
+            };
+            std::thread::Builder::new()
+                .name("disk-read".into())
+                .spawn_scoped(scope, reader)
+                .map_err(|e| Error::io("starting a disk reading thread", e))?;
+        }
+        drop(read_tx);
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut hand_on = || -> Result<()> {
+            let mut wanted = 0;
+            while wanted < extents.len() {
+                let Ok((number, result)) = read.recv() else {
+                    return Err(Error::io(
+                        "reading the target",
+                        std::io::Error::other("the reading threads stopped early"),
+                    ));
+                };
+                waiting.insert(number, result?);
+                while let Some(buffer) = waiting.remove(&wanted) {
+                    each(wanted, &buffer)?;
+                    let _ = free_tx.send(buffer);
+                    wanted += 1;
+                }
+            }
+            Ok(())
+        };
+        let handed = hand_on();
+        // Without a sender the readers waiting for a buffer end.
+        drop(free_tx);
+        handed
+    })
+}
+
 /// Checks `bytes`, read back where `chunk` was written, against its record.
 fn check(target: &Target, chunk: &Chunk, bytes: &[u8]) -> Result<()> {
     let matches = match chunk.expected {
@@ -238,6 +317,40 @@ mod tests {
         fastrand::Rng::with_seed(3).fill(&mut bytes[..4 * MIB]);
         fastrand::Rng::with_seed(4).fill(&mut bytes[8 * MIB..]);
         bytes
+    }
+
+    #[test]
+    fn extents_are_handed_on_in_order_and_an_error_stops_the_reads() {
+        let bytes = image();
+        let (_dir, target, _) = written(&bytes);
+        let extents: Vec<_> = (0..bytes.len() as u64)
+            .step_by(300_000)
+            .map(|start| start..(start + 300_000).min(bytes.len() as u64))
+            .collect();
+        let mut seen = Vec::new();
+        read_in_order(&target, &extents, &mut |number, read| {
+            seen.push(number);
+            let extent = &extents[number];
+            assert!(read[..] == bytes[extent.start as usize..extent.end as usize]);
+            Ok(())
+        })
+        .expect("reads");
+        assert_eq!(seen, (0..extents.len()).collect::<Vec<_>>());
+        let mut handed = 0;
+        let err = read_in_order(&target, &extents, &mut |number, _| {
+            handed += 1;
+            if number == 3 {
+                return Err(Error::ReadbackMismatch("stop".into()));
+            }
+            Ok(())
+        })
+        .expect_err("the error ends it");
+        assert!(matches!(err, Error::ReadbackMismatch(_)), "{err}");
+        assert_eq!(handed, 4, "nothing is handed on after the error");
+        let past_the_end = [0..100, bytes.len() as u64..bytes.len() as u64 + 10];
+        let err =
+            read_in_order(&target, &past_the_end, &mut |_, _| Ok(())).expect_err("past the end");
+        assert!(matches!(err, Error::DiskReadFailed { .. }), "{err}");
     }
 
     #[test]

@@ -23,12 +23,14 @@ use crate::disk::readback::{self, WrittenChunks};
 use crate::disk::sink;
 use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
 use crate::image::block_index::{self, BlockIndex, IndexRef};
-use crate::image::stream::{MeasuredStream, Piece};
+use crate::image::measure::Measure;
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
 use reimage_protocol::{ImageFormat, Phase};
-use std::io::Read;
 use std::ops::Range;
+
+/// The final pass reads the extent in pieces of this size.
+const READ_PIECE: u64 = 4 << 20;
 
 /// What a write with a block index moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -186,8 +188,8 @@ impl Job<'_> {
     }
 
     /// The SHA-256 of the image as the disk now holds it: the held `head`,
-    /// then the extent past it read from the disk (reads and hashing on
-    /// threads of their own).
+    /// then the extent past it read from the disk, several reads in flight
+    /// ahead of the hashing.
     fn measure_extent(
         &self,
         head: &[u8],
@@ -195,35 +197,20 @@ impl Job<'_> {
         meter: &mut ProgressMeter<'_>,
     ) -> Result<String> {
         meter.phase(Phase::Verifying, Some(size));
-        let disk = crate::disk::device::Target::open_read_only(self.target.path())?;
-        let rest = ExtentReader {
-            target: disk,
-            pos: head.len() as u64,
-            end: size,
-        };
-        let reader = std::io::Cursor::new(head.to_vec()).chain(rest);
-        let mut pieces = MeasuredStream::spawn(Box::new(reader), Some(size))?;
-        let mut done = 0;
-        loop {
-            match pieces.next_piece().ok_or_else(stream_cut_off)?? {
-                Piece::Head(_) => {}
-                Piece::Chunk(chunk) => {
-                    done += chunk.len() as u64;
-                    pieces.recycle(chunk);
-                    meter.update(done);
-                }
-                Piece::End(measured) => {
-                    meter.finish_phase(measured.size);
-                    if measured.size != size {
-                        return Err(Error::ImageTruncated(format!(
-                            "the image extent read back as {} of {size} bytes",
-                            measured.size
-                        )));
-                    }
-                    return Ok(measured.sha256);
-                }
-            }
-        }
+        let mut measure = Measure::new(Some(size));
+        measure.update(head)?;
+        let extents: Vec<_> = (head.len() as u64..size)
+            .step_by(READ_PIECE as usize)
+            .map(|start| start..(start + READ_PIECE).min(size))
+            .collect();
+        readback::read_in_order(self.target, &extents, &mut |_, bytes| {
+            measure.update(bytes)?;
+            meter.update(measure.size());
+            Ok(())
+        })?;
+        let measured = measure.finish();
+        meter.finish_phase(measured.size);
+        Ok(measured.sha256)
     }
 }
 
@@ -316,27 +303,5 @@ impl BlockWriter<'_, '_> {
             &self.job.saved.protected_ranges(),
             Some(self.job.target.size()),
         )
-    }
-}
-
-/// Reads `pos..end` of a target in order.
-struct ExtentReader {
-    target: crate::disk::device::Target,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for ExtentReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let room = usize::try_from(self.end.saturating_sub(self.pos)).unwrap_or(usize::MAX);
-        let want = buf.len().min(room);
-        if want == 0 {
-            return Ok(0);
-        }
-        self.target
-            .read_at(&mut buf[..want], self.pos)
-            .map_err(std::io::Error::other)?;
-        self.pos += want as u64;
-        Ok(want)
     }
 }
