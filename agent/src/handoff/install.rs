@@ -10,6 +10,7 @@
 //! the host's namespace: `reimage-agent handoff reserve|install|cancel`.
 
 use super::plan::{HandoffPlan, StagedAt};
+use super::stage::staged_index_path;
 use super::{HANDOFF_ROOT, PLAN_FILE};
 use crate::{Error, Result};
 use nix::mount::MsFlags;
@@ -152,7 +153,12 @@ pub fn install(root: &Path, plan_path: &Path) -> Result<()> {
             Error::InvalidArgument(format!("staged image {} has no file name", path.display()))
         })?;
         let inside = Path::new("/").join(STAGED_DIR).join(name);
-        move_file(path, &root.join(STAGED_DIR).join(name))?;
+        let moved = root.join(STAGED_DIR).join(name);
+        move_file(path, &moved)?;
+        // Staged through a block index: its own index goes along.
+        if plan.staged_index_sha256.is_some() {
+            move_file(&staged_index_path(path), &staged_index_path(&moved))?;
+        }
         plan.staged = StagedAt::Memory { path: inside };
     }
     plan.save(&root.join(PLAN_FILE))?;
@@ -339,6 +345,46 @@ bad line
         header[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         header[0x38] = 1;
         assert!(parse_interpreter(&header).is_err(), "headers out of range");
+    }
+
+    #[test]
+    fn a_ram_staged_image_moves_into_the_root_with_its_block_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let staged = dir.path().join("op-1.img");
+        fs::write(&staged, b"frames").expect("staged");
+        fs::write(staged_index_path(&staged), b"index").expect("index");
+        let mut plan: HandoffPlan = serde_json::from_value(serde_json::json!({
+            "version": super::super::plan::PLAN_VERSION,
+            "operationId": "op-1",
+            "staged": {"area": "memory", "path": staged},
+            "stagedSha256": "00",
+            "stagedIndexSha256": "11",
+            "format": "zstd",
+            "imageSize": 6,
+            "imageSha256": "22",
+            "target": "/dev/vda",
+            "savePartlabel": [],
+            "savePartindex": [],
+            "state": {"device": "/dev/vdb", "dev": "254:16", "fstype": "ext4",
+                      "stateDirInFs": "/", "onTarget": false},
+        }))
+        .expect("a plan");
+        let plan_path = dir.path().join("op-1.plan.json");
+        plan.save(&plan_path).expect("saved");
+        install(&root, &plan_path).expect("installs");
+        let moved = root.join(STAGED_DIR).join("op-1.img");
+        assert_eq!(fs::read(&moved).expect("moved"), b"frames");
+        assert_eq!(
+            fs::read(staged_index_path(&moved)).expect("index moved"),
+            b"index"
+        );
+        assert!(!staged.exists() && !staged_index_path(&staged).exists());
+        plan = HandoffPlan::load(&root.join(PLAN_FILE)).expect("the installed plan");
+        assert_eq!(
+            plan.staged_path(Path::new("/state")),
+            Path::new("/staged/op-1.img")
+        );
     }
 
     #[test]
