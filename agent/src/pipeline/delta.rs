@@ -85,7 +85,7 @@ impl Job<'_> {
         let held = block0.len().min(HEAD_LEN);
         self.check_merge(&block0[..held], Some(index.image_size))?;
         tracing::info!(image = %image.location, blocks = index.blocks.len(), "comparing the target with the image's block index");
-        let holds = self.compare(&index, meter)?;
+        let mut holds = self.compare(&index, meter)?;
         self.reset_table_before_writing()?;
         let mut writer = BlockWriter {
             job: self,
@@ -125,6 +125,9 @@ impl Job<'_> {
             writer.written = WrittenChunks::new();
             meter.phase(Phase::Downloading, Some(index.extents_len(&stale)));
             writer.write_blocks(&mut fetch, &stale, meter, 0)?;
+            for &number in &stale {
+                holds[number] = false;
+            }
             self.target.sync()?;
             writer.written.verify(self.target, meter, 0)?;
             sha256 = self.measure_extent(&block0[..held], index.image_size, meter)?;
