@@ -54,12 +54,12 @@ impl Job<'_> {
         meter: &mut ProgressMeter<'_>,
     ) -> Result<Option<Streamed>> {
         let image = &request.image;
-        let Some(index_ref) = &image.block_index else {
-            return Ok(None);
-        };
         let fall_back = |why: &str| {
             tracing::info!(image = %image.location, "streaming the whole image: {why}");
             Ok(None)
+        };
+        let Some(index_ref) = &image.block_index else {
+            return Ok(None);
         };
         if self.growable {
             return fall_back("the target is empty, so no block can be kept");
@@ -74,16 +74,11 @@ impl Job<'_> {
         self.check_fits(Some(index.image_size))?;
         let mut fetch = BlockFetch::open(&image.location, &request.http, &index)?;
         meter.phase(Phase::Downloading, None);
-        let mut head = None;
-        if !fetch.run(0..1, &mut |_, _, raw| {
-            head = Some(raw.to_vec());
-            Ok(())
-        })? {
+        let Some(block0) = fetch_block0(&mut fetch)? else {
             return fall_back("the server does not honour Range requests");
-        }
-        let block0 = head.ok_or_else(stream_cut_off)?;
-        let held = block0.len().min(HEAD_LEN);
-        self.check_merge(&block0[..held], Some(index.image_size))?;
+        };
+        let head = &block0[..block0.len().min(HEAD_LEN)];
+        self.check_merge(head, Some(index.image_size))?;
         tracing::info!(image = %image.location, blocks = index.blocks.len(), "comparing the target with the image's block index");
         let mut holds = self.compare(&index, meter)?;
         self.reset_table_before_writing()?;
@@ -92,20 +87,9 @@ impl Job<'_> {
             written: WrittenChunks::new(),
             bytes: 0,
         };
-        let wanted: Vec<usize> = (1..index.blocks.len()).filter(|&n| !holds[n]).collect();
-        let head_tail = block0.len() - held;
-        meter.phase(
-            Phase::Downloading,
-            Some(head_tail as u64 + index.extents_len(&wanted)),
-        );
-        writer.write_block(&index, 0, &block0)?;
-        writer.write_blocks(&mut fetch, &wanted, meter, head_tail as u64)?;
-        self.target.sync()?;
-        meter.finish_phase(writer.bytes);
-        meter.phase(Phase::Verifying, Some(writer.written.bytes()));
-        writer.written.verify(self.target, meter, 0)?;
-        meter.finish_phase(writer.written.bytes());
-        let mut sha256 = self.measure_extent(&block0[..held], index.image_size, meter)?;
+        let wanted = differing(&holds);
+        writer.write_and_read_back(&mut fetch, &wanted, Some(&block0), meter)?;
+        let mut sha256 = self.measure_extent(head, index.image_size, meter)?;
         if image
             .sha256
             .as_ref()
@@ -113,8 +97,7 @@ impl Job<'_> {
         {
             // A block changed on the disk after the comparison, or the index
             // describes another image: find out which, and fetch once more.
-            let still = self.compare(&index, meter)?;
-            let stale: Vec<usize> = (1..index.blocks.len()).filter(|&n| !still[n]).collect();
+            let stale = differing(&self.compare(&index, meter)?);
             if stale.is_empty() {
                 return Err(Error::ImageCorrupt(format!(
                     "every block of the disk matches the block index, but the image extent's \
@@ -123,22 +106,18 @@ impl Job<'_> {
             }
             tracing::warn!(blocks = ?stale, "blocks changed on the disk after they were compared; fetching them again");
             writer.written = WrittenChunks::new();
-            meter.phase(Phase::Downloading, Some(index.extents_len(&stale)));
-            writer.write_blocks(&mut fetch, &stale, meter, 0)?;
+            writer.write_and_read_back(&mut fetch, &stale, None, meter)?;
             for &number in &stale {
                 holds[number] = false;
             }
-            self.target.sync()?;
-            writer.written.verify(self.target, meter, 0)?;
-            sha256 = self.measure_extent(&block0[..held], index.image_size, meter)?;
+            sha256 = self.measure_extent(head, index.image_size, meter)?;
         }
         check_image(index.image_size, &sha256, image)?;
-        let unchanged: Vec<usize> = (1..index.blocks.len()).filter(|&n| holds[n]).collect();
         let counts = BlockCounts {
             downloaded: fetch.downloaded,
-            unchanged: index.extents_len(&unchanged),
+            unchanged: index.extents_len(&kept(&holds)),
             // The held head is written by the commit.
-            written: writer.bytes + held as u64,
+            written: writer.bytes + head.len() as u64,
         };
         crate::metrics::global()
             .bytes_unchanged
@@ -150,7 +129,7 @@ impl Job<'_> {
             "wrote the blocks that differ"
         );
         Ok(Some(Streamed {
-            head: block0[..held].to_vec(),
+            head: head.to_vec(),
             size: index.image_size,
             sha256,
             zeroed: 0,
@@ -217,6 +196,31 @@ impl Job<'_> {
     }
 }
 
+/// Block 0, which holds the head the commit writes: fetched first, and
+/// checked against the index like every block. `None`: the source does
+/// not honour ranges.
+fn fetch_block0(fetch: &mut BlockFetch<'_>) -> Result<Option<Vec<u8>>> {
+    let mut block0 = None;
+    let honoured = fetch.run(0..1, &mut |_, _, raw| {
+        block0 = Some(raw.to_vec());
+        Ok(())
+    })?;
+    if !honoured {
+        return Ok(None);
+    }
+    block0.ok_or_else(stream_cut_off).map(Some)
+}
+
+/// The blocks past block 0 that the target does not hold.
+fn differing(holds: &[bool]) -> Vec<usize> {
+    (1..holds.len()).filter(|&n| !holds[n]).collect()
+}
+
+/// The blocks past block 0 that the target holds.
+fn kept(holds: &[bool]) -> Vec<usize> {
+    (1..holds.len()).filter(|&n| holds[n]).collect()
+}
+
 /// Writes blocks of the image to the target and records them for the
 /// read-back.
 struct BlockWriter<'j, 't> {
@@ -227,6 +231,34 @@ struct BlockWriter<'j, 't> {
 }
 
 impl BlockWriter<'_, '_> {
+    /// Writes `block0` (when given, past the held head) and the blocks
+    /// `numbers`, syncs, and reads back what was written.
+    fn write_and_read_back(
+        &mut self,
+        fetch: &mut BlockFetch<'_>,
+        numbers: &[usize],
+        block0: Option<&[u8]>,
+        meter: &mut ProgressMeter<'_>,
+    ) -> Result<()> {
+        let index = fetch.index;
+        let block0_tail = block0.map_or(0, |raw| raw.len().saturating_sub(HEAD_LEN) as u64);
+        let before = self.bytes;
+        meter.phase(
+            Phase::Downloading,
+            Some(block0_tail + index.extents_len(numbers)),
+        );
+        if let Some(raw) = block0 {
+            self.write_block(index, 0, raw)?;
+        }
+        self.write_blocks(fetch, numbers, meter, block0_tail)?;
+        self.job.target.sync()?;
+        meter.finish_phase(self.bytes - before);
+        meter.phase(Phase::Verifying, Some(self.written.bytes()));
+        self.written.verify(self.job.target, meter, 0)?;
+        meter.finish_phase(self.written.bytes());
+        Ok(())
+    }
+
     /// Writes the blocks `numbers` (ascending): zero blocks by zeroing,
     /// the others fetched in runs of consecutive blocks. Progress counts on
     /// from `done`.
