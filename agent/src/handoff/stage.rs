@@ -209,11 +209,10 @@ pub fn stage_from_disk(
     staged
 }
 
-/// Where the staged file's own block index is.
+/// Where the staged file's own block index is: beside it, named as
+/// `image pack` names an index.
 pub fn staged_index_path(staged: &Path) -> PathBuf {
-    let mut name = staged.as_os_str().to_owned();
-    name.push(".index.json");
-    PathBuf::from(name)
+    crate::image::pack::index_path(staged)
 }
 
 /// The staged file written block by block, from the disk or fetched, with
@@ -251,31 +250,41 @@ fn seed_and_fetch(
         Ok(())
     };
     let mut buffer = AlignedBuf::new(index.block_size as usize);
-    let mut number = 0;
-    while number < index.blocks.len() {
+    // Reads block `number` of the disk into `buffer`: does it hold it?
+    let read_holds = |number: usize, buffer: &mut AlignedBuf| -> Result<bool> {
         let extent = index.extent(number);
         buffer.set_len((extent.end - extent.start) as usize);
         disk.read_at(&mut buffer[..], extent.start)?;
-        if blake3::hash(&buffer) == block_index::digest(&index.blocks[number]) {
-            let frame = compress_frame(&buffer, SEED_LEVEL)
-                .map_err(|e| Error::io(format!("compressing block {number} of the disk"), e))?;
-            append(number, &frame, &buffer)?;
+        Ok(blake3::hash(buffer) == block_index::digest(&index.blocks[number]))
+    };
+    let copy = |number: usize, raw: &[u8]| {
+        compress_frame(raw, SEED_LEVEL)
+            .map_err(|e| Error::io(format!("compressing block {number} of the disk"), e))
+    };
+    let mut number = 0;
+    while number < index.blocks.len() {
+        if read_holds(number, &mut buffer)? {
+            append(number, &copy(number, &buffer)?, &buffer)?;
             number += 1;
             continue;
         }
         // The block differs: fetch it with the differing blocks after it.
+        // The block that ends the run is in `buffer` then, and held.
         let mut end = number + 1;
+        let mut held_after = false;
         while end < index.blocks.len() && end - number < MAX_RUN_BLOCKS {
-            let next = index.extent(end);
-            buffer.set_len((next.end - next.start) as usize);
-            disk.read_at(&mut buffer[..], next.start)?;
-            if blake3::hash(&buffer) == block_index::digest(&index.blocks[end]) {
+            if read_holds(end, &mut buffer)? {
+                held_after = true;
                 break;
             }
             end += 1;
         }
         if !fetch.run(number..end, &mut append)? {
             return Ok(None);
+        }
+        if held_after {
+            append(end, &copy(end, &buffer)?, &buffer)?;
+            end += 1;
         }
         number = end;
     }
