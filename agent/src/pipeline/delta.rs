@@ -148,19 +148,19 @@ impl Job<'_> {
     }
 
     /// Which blocks the target already holds: each block of the image
-    /// extent read (several reads in flight) and its BLAKE3 compared with
-    /// the index's.
+    /// extent past block 0 (which is always fetched, for the head) read,
+    /// several reads in flight, and its BLAKE3 compared with the index's.
     fn compare(&self, index: &BlockIndex, meter: &mut ProgressMeter<'_>) -> Result<Vec<bool>> {
         meter.phase(Phase::Comparing, Some(index.image_size));
-        let extents: Vec<_> = (0..index.blocks.len()).map(|n| index.extent(n)).collect();
-        let mut holds = vec![false; extents.len()];
+        let extents: Vec<_> = (1..index.blocks.len()).map(|n| index.extent(n)).collect();
+        let mut holds = vec![false; index.blocks.len()];
         let mut done = 0;
         readback::read_each(
             self.target,
             &extents,
-            &|number, bytes| Ok(blake3::hash(bytes) == block_index::digest(&index.blocks[number])),
-            &mut |number, len, same| {
-                holds[number] = same;
+            &|i, bytes| Ok(blake3::hash(bytes) == block_index::digest(&index.blocks[i + 1])),
+            &mut |i, len, same| {
+                holds[i + 1] = same;
                 done += len;
                 meter.update(done);
             },
