@@ -107,48 +107,49 @@ pub fn stage(
     let dest = dir.join(format!("{}.img", request.operation_id));
     tracing::info!(?area, path = %dest.display(), needed, "staging the image");
     let mut meter = ProgressMeter::new(report);
-    let seeded = match &index {
-        Some(index) => {
-            let mut fetch = BlockFetch::open(&image.location, &request.http, index)?;
-            let seeded = stage::stage_from_disk(
-                &mut fetch,
-                image,
-                &dest,
-                &request.target,
-                &request.save,
-                &mut meter,
-            )?;
-            if let Some((staged, _)) = &seeded {
+    // Through the index, the staged file's own index and what was fetched.
+    let mut staged_index_sha256 = None;
+    let mut downloaded = None;
+    let mut seeded = None;
+    if let Some(index) = &index {
+        let mut fetch = BlockFetch::open(&image.location, &request.http, index)?;
+        match stage::stage_from_disk(
+            &mut fetch,
+            image,
+            &dest,
+            &request.target,
+            &request.save,
+            &mut meter,
+        )? {
+            Some((staged, index_sha256)) => {
                 tracing::info!(
                     downloaded = fetch.downloaded,
                     staged_bytes = staged_len(&staged.path),
                     "staged through the block index, the disk as the seed"
                 );
-            } else {
+                (staged_index_sha256, downloaded) = (Some(index_sha256), Some(fetch.downloaded));
+                seeded = Some(staged);
+            }
+            None => {
                 tracing::info!(image = %image.location, "staging the whole image: the server does not honour Range requests");
             }
-            seeded.map(|seeded| (seeded, fetch.downloaded))
         }
-        None => None,
-    };
-    let (staged, staged_index_sha256, downloaded) = match seeded {
-        Some(((staged, index_sha256), downloaded)) => {
-            (staged, Some(index_sha256), Some(downloaded))
-        }
+    }
+    let staged = match seeded {
+        Some(staged) => staged,
         None => {
             let source = match source.take() {
                 Some(source) => source,
                 None => source::open(&image.location, &request.http)?,
             };
-            let staged = stage::stage_image(
+            stage::stage_image(
                 source,
                 image,
                 &dest,
                 &request.target,
                 &request.save,
                 &mut meter,
-            )?;
-            (staged, None, None)
+            )?
         }
     };
     let plan = HandoffPlan {
