@@ -6,6 +6,7 @@
 //! `source → decode → hash → sink → verify`.
 
 pub mod api;
+pub mod boot;
 pub mod config;
 pub mod daemon;
 pub mod disk;

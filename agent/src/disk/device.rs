@@ -769,7 +769,7 @@ fn ensure_read(complete: bool, reached: u64, wanted: u64) -> io::Result<()> {
 /// Loop devices and mounts for tests that need the real kernel; they skip
 /// with a printed reason where they cannot run (not root, no losetup).
 #[cfg(test)]
-pub(super) mod test_support {
+pub(crate) mod test_support {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
     use std::process::Command;
