@@ -111,6 +111,8 @@ pub fn sandbox(dir: &Path) -> Result<Config> {
         },
         reboot: RebootConfig {
             method: RebootMethod::None,
+            // The sandbox's target is a file: boot entries are never written.
+            efivars: std::path::PathBuf::from(crate::config::DEFAULT_EFIVARS),
         },
     })
 }

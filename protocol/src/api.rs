@@ -351,6 +351,30 @@ pub struct OperationError {
     pub message: String,
 }
 
+/// What a reimage on a node that booted through UEFI did to the firmware's
+/// boot entries. A failure here (`error`, code `BootEntryFailed`) does not
+/// fail the operation: the verified image stays written.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootEntryReport {
+    /// The load option that boots the new image (`Boot0004`).
+    pub entry: Option<String>,
+    /// The partition GUID of the new image's EFI system partition.
+    pub esp_part_uuid: Option<String>,
+    /// The loader it boots (`\EFI\BOOT\BOOTX64.EFI`).
+    pub loader: Option<String>,
+    /// `BootNext` was set to the entry before the reboot.
+    pub boot_next: bool,
+    /// After the confirmation, whether the firmware booted the entry
+    /// (`BootCurrent`), and the entry is first in `BootOrder`.
+    pub booted: Option<bool>,
+    pub first_in_boot_order: bool,
+    /// Entries of the old image (their ESP left the disk), removed.
+    pub removed: Vec<String>,
+    pub error: Option<OperationError>,
+}
+
 /// `GET /v1/operations/{id}`.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,6 +402,9 @@ pub struct Operation {
     /// From `createdAt` to `endedAt`.
     #[serde(default)]
     pub duration_seconds: Option<f64>,
+    /// A reimage of a node that booted through UEFI: its boot entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_entry: Option<BootEntryReport>,
 }
 
 /// `{"name","value"}` for a task's environment.
@@ -638,6 +665,7 @@ mod tests {
             updated_at: at,
             ended_at: None,
             duration_seconds: None,
+            boot_entry: None,
         };
         let json = serde_json::to_value(&op).expect("serialises");
         assert_eq!(json["status"], "InProgress");

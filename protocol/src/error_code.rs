@@ -95,6 +95,9 @@ error_codes! {
     DiskReadFailed,
     /// What was read back from the target differs from what was written.
     ReadbackMismatch,
+    // The firmware's boot entries.
+    /// The firmware's boot variables could not be set for the new image; the verified write stands.
+    BootEntryFailed,
     // The in-place reimage through the shutdown handoff.
     /// No staging area has room for the image of an in-place reimage.
     StagingSpaceInsufficient,

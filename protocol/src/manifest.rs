@@ -51,6 +51,19 @@ pub struct ImageManifest {
         skip_serializing_if = "Option::is_none"
     )]
     pub block_index: Option<BlockIndexRef>,
+    /// How the image boots, where it differs from the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<ImageBoot>,
+}
+
+/// `"boot": {"loader"}`: the EFI loader on the image's EFI system partition
+/// that the firmware's boot entry names; `\EFI\BOOT\BOOTX64.EFI` when
+/// not given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBoot {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<String>,
 }
 
 /// Where an image's block index is (`url`, relative to the manifest like the

@@ -26,9 +26,21 @@ pub struct Part {
     pub guid: u8,
 }
 
+/// `C12A7328-F81F-11D2-BA4B-00A0C93EC93B`, the EFI system partition's
+/// type, as a GPT entry stores it.
+pub const ESP_TYPE: [u8; 16] = [
+    0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9, 0x3b,
+];
+
+/// An entry for `part`; one labelled `efi` is an EFI system partition, as
+/// in a real OS image.
 fn entry(part: &Part) -> GPTPartitionEntry {
     GPTPartitionEntry {
-        partition_type_guid: [0x0f; 16],
+        partition_type_guid: if part.label == "efi" {
+            ESP_TYPE
+        } else {
+            [0x0f; 16]
+        },
         unique_partition_guid: [part.guid; 16],
         starting_lba: part.first_mib * MIB / SECTOR,
         ending_lba: part.last_mib_excl * MIB / SECTOR - 1,
@@ -70,6 +82,12 @@ pub fn os_image(size_mib: u64, zero_mib: u64, seed: u64) -> Vec<u8> {
 /// Writes the table of an OS image into `image` (its length is the image's
 /// size): `efi` from 1 to 3 MiB, `root` from 3 MiB to the last MiB.
 pub fn write_os_table(image: &mut Vec<u8>) {
+    write_os_table_with_esp(image, 0xe1);
+}
+
+/// The same with the ESP's partition GUID all `esp_guid` bytes: images
+/// built separately have ESPs of different GUIDs.
+pub fn write_os_table_with_esp(image: &mut Vec<u8>, esp_guid: u8) {
     let size_mib = image.len() as u64 / MIB;
     write_table(
         image,
@@ -79,7 +97,7 @@ pub fn write_os_table(image: &mut Vec<u8>) {
                 label: "efi",
                 first_mib: 1,
                 last_mib_excl: 3,
-                guid: 0xe1,
+                guid: esp_guid,
             },
             Part {
                 index: 2,

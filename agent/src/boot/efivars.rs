@@ -87,7 +87,11 @@ impl EfiVars {
         bytes.extend_from_slice(value);
         // No O_TRUNC: efivarfs replaces the value on write; a plain file is
         // cut to length below.
-        let mut file = OpenOptions::new().write(true).create(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
         let written = file.write(&bytes)?;
         if written != bytes.len() {
             return Err(io::Error::other(format!(

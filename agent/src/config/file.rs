@@ -98,6 +98,7 @@ pub(super) struct TasksFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct RebootFile {
     pub method: RebootMethod,
+    pub efivars: Option<PathBuf>,
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {

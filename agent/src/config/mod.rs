@@ -159,7 +159,14 @@ pub struct RebootConfig {
     /// `none`, `systemd` or `syscall`. Required: a default that reboots
     /// would surprise a lab, one that does not would strand a fleet node.
     pub method: RebootMethod,
+    /// Where the firmware's variables are (efivarfs). A node whose
+    /// `efivars` directory exists booted through UEFI, and a reimage of a
+    /// block device there writes the boot entry of the new image.
+    pub efivars: PathBuf,
 }
+
+/// Where Linux mounts efivarfs.
+pub const DEFAULT_EFIVARS: &str = "/sys/firmware/efi/efivars";
 
 impl Config {
     /// Reads, parses and validates the config at `path`, and checks that the
@@ -271,6 +278,10 @@ impl Config {
             },
             reboot: RebootConfig {
                 method: file.reboot.method,
+                efivars: file
+                    .reboot
+                    .efivars
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_EFIVARS)),
             },
         }
     }

@@ -64,6 +64,7 @@ pub fn run_plan(
                 location: Location::File(stage::staged_index_path(staged)),
                 sha256: sha256.clone(),
             }),
+            boot_loader: None,
         },
         target: plan.target.clone(),
         save: SaveSpec {

@@ -15,6 +15,7 @@
 //! staged file is a whole framed image with an index of its own, verified
 //! against the image's SHA-256 like any other.
 
+use crate::boot::BootLayout;
 use crate::disk::aligned::AlignedBuf;
 use crate::disk::device::Target;
 use crate::disk::saved::{SaveSpec, SavedPartitions};
@@ -125,6 +126,8 @@ pub struct StagedImage {
     /// Size and SHA-256 of the decoded image.
     pub size: u64,
     pub sha256: String,
+    /// The image's EFI system partition and partition GUIDs.
+    pub boot: BootLayout,
 }
 
 /// Streams `source` into the file `dest` while decoding and verifying it
@@ -152,6 +155,7 @@ pub fn stage_image(
             staged_sha256,
             format: decoded.format,
             size: decoded.size,
+            boot: BootLayout::of_head(&decoded.head, saved.sector_size()),
             sha256: decoded.sha256,
         })
     });
@@ -197,6 +201,7 @@ pub fn stage_from_disk(
                 staged_sha256,
                 format: ImageFormat::Zstd,
                 size: decoded.size,
+                boot: BootLayout::of_head(&decoded.head, saved.sector_size()),
                 sha256: decoded.sha256,
             },
             hex::encode(Sha256::digest(&text)),
@@ -462,6 +467,7 @@ mod tests {
                 size: Some(self.image.len() as u64),
                 format: Some(ImageFormat::Zstd),
                 block_index: None,
+                boot_loader: None,
             };
             let mut report = |_: &reimage_protocol::WriteProgress| {};
             let mut meter = ProgressMeter::new(&mut report);
@@ -534,6 +540,7 @@ mod tests {
                 size: Some(self.v2.len() as u64),
                 format: Some(ImageFormat::Zstd),
                 block_index: None,
+                boot_loader: None,
             };
             let mut fetch = BlockFetch::open(&location, &Default::default(), index).expect("opens");
             let mut report = |_: &reimage_protocol::WriteProgress| {};
@@ -586,6 +593,7 @@ mod tests {
                     location: Location::File(staged_index_path(&staged.path)),
                     sha256: index_sha256,
                 }),
+                boot_loader: None,
             },
             target: seeded.target.clone(),
             save: SaveSpec::default(),

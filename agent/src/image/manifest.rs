@@ -84,7 +84,26 @@ pub fn parse(bytes: &[u8]) -> Result<ImageManifest> {
     if manifest.url.trim().is_empty() {
         return Err(Error::ManifestInvalid("url is empty".into()));
     }
+    if let Some(loader) = manifest.boot.as_ref().and_then(|b| b.loader.as_deref()) {
+        check_loader(loader)?;
+    }
     Ok(manifest)
+}
+
+/// A loader path as a boot entry's `File()` node holds it: absolute on the
+/// ESP, backslashes, printable ASCII, at most 255 characters.
+fn check_loader(loader: &str) -> Result<()> {
+    let fine = loader.starts_with('\\')
+        && loader.len() <= 255
+        && !loader.contains('/')
+        && loader.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if fine {
+        Ok(())
+    } else {
+        Err(Error::ManifestInvalid(format!(
+            "boot.loader {loader:?}: give an absolute path on the EFI system partition with backslashes, such as \\EFI\\BOOT\\BOOTX64.EFI"
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +120,10 @@ mod tests {
         );
         let manifest = parse(text.as_bytes()).expect("valid");
         assert_eq!(manifest.sha256, HASH);
+        let with_loader = text.replace('}', r#","boot":{"loader":"\\EFI\\debian\\grubx64.efi"}}"#);
+        let manifest = parse(with_loader.as_bytes()).expect("valid");
+        let loader = manifest.boot.and_then(|b| b.loader);
+        assert_eq!(loader.as_deref(), Some("\\EFI\\debian\\grubx64.efi"));
     }
 
     #[test]
@@ -119,6 +142,14 @@ mod tests {
                 "size",
             ),
             ("not json", "expected"),
+            (
+                r#"{"name":"os","url":"os.zst","format":"zstd","size":5,"sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","boot":{"loader":"/EFI/BOOT/BOOTX64.EFI"}}"#,
+                "boot.loader",
+            ),
+            (
+                r#"{"name":"os","url":"os.zst","format":"zstd","size":5,"sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","boot":{"kernel":"x"}}"#,
+                "kernel",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(text.as_bytes()).expect_err(text);

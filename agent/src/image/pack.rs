@@ -105,6 +105,7 @@ pub fn pack(raw: &Path, output: &Path, options: PackOptions) -> Result<ImageMani
         size: hashing.len,
         sha256: hex::encode(hashing.hasher.finalize()),
         block_index,
+        boot: None,
     };
     let text = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Error::io("serialising the manifest", io::Error::other(e)))?;

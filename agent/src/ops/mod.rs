@@ -9,6 +9,7 @@
 //! Refusals are domain errors ([`Refusal`]); the API maps them to statuses.
 
 mod accept;
+mod boot_entry;
 pub mod image_choice;
 mod prefetch;
 mod record;

@@ -56,6 +56,10 @@ pub struct OperationRecord {
     /// writes it during the reboot, leaving its outcome in `state_dir`.
     #[serde(default)]
     pub handoff: bool,
+    /// On a UEFI node, the GUIDs of the target's partitions before the
+    /// write: boot entries naming one that left the disk are the old image's.
+    #[serde(default)]
+    pub partitions_before: Vec<[u8; 16]>,
 }
 
 impl OperationRecord {
@@ -83,11 +87,13 @@ impl OperationRecord {
                 updated_at: now,
                 ended_at: None,
                 duration_seconds: None,
+                boot_entry: None,
             },
             request,
             image_source,
             boot_id: None,
             handoff: false,
+            partitions_before: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@
 use super::image_choice::{self, ImageChoice};
 use super::record::NodeRecord;
 use super::{Agent, Table};
+use crate::boot::BootLayout;
 use crate::handoff::prepare::{self, InPlaceRequest};
 use crate::image::http::HttpOptions;
 use crate::pipeline::{self, BlockCounts, ImageRequest, WriteFailure, WriteRequest};
@@ -28,6 +29,10 @@ pub(super) struct Written {
     pub blocks: Option<BlockCounts>,
     /// Staged through a block index: the encoded bytes fetched.
     pub downloaded: Option<u64>,
+    /// The image's EFI system partition and partitions, and the loader its
+    /// manifest names: what the firmware's boot entry is made of.
+    pub boot: BootLayout,
+    pub boot_loader: Option<String>,
 }
 
 impl Written {
@@ -92,8 +97,9 @@ impl Agent {
             self.update_node(|node| node.pending_image = Some(written.image.clone()))?;
             self.update(id, |op| {
                 op.progress = written.progress();
-                op.image = Some(written.image);
+                op.image = Some(written.image.clone());
             })?;
+            self.point_firmware_at(id, &written)?;
         }
         self.reboot_now(id).await?;
         Ok(())
@@ -197,6 +203,8 @@ impl Agent {
         http: HttpOptions,
     ) -> Result<Written, WriteFailure> {
         let name = image.name();
+        self.note_partitions_before(id)?;
+        let boot_loader = request.boot_loader.clone();
         if let Some(sha256) = &request.sha256 {
             let expected = ImageRef {
                 name: name.clone(),
@@ -227,6 +235,8 @@ impl Agent {
             elapsed: report.elapsed,
             blocks: report.blocks,
             downloaded: None,
+            boot: report.boot,
+            boot_loader,
         })
     }
 
@@ -243,6 +253,7 @@ impl Agent {
     ) -> Result<Written, WriteFailure> {
         tracing::info!(operation = %id, users = ?busy, "the target is in use: in-place reimage through the shutdown handoff");
         let started = std::time::Instant::now();
+        let boot_loader = image.boot_loader.clone();
         let disk = &self.config.disk;
         let request = InPlaceRequest {
             operation_id: id.to_string(),
@@ -271,6 +282,8 @@ impl Agent {
             elapsed: started.elapsed(),
             blocks: None,
             downloaded: prepared.downloaded,
+            boot: prepared.staged.boot,
+            boot_loader,
         })
     }
 
@@ -355,6 +368,7 @@ impl Agent {
     /// succeeded, held tasks may run again.
     pub(super) fn confirm(&self, id: &str) -> crate::Result<()> {
         self.set_phase(id, Phase::Confirming)?;
+        self.settle_boot_entries(id)?;
         self.update_node(|node| {
             if let Some(image) = node.pending_image.take() {
                 node.image = Some(image);
@@ -380,6 +394,7 @@ impl Agent {
         disk_touched: bool,
     ) -> crate::Result<()> {
         tracing::warn!(operation = %id, %code, message, "operation failed");
+        self.withdraw_boot_entry(id);
         if code == ErrorCode::ReadbackMismatch {
             crate::metrics::global().readback_mismatches.inc();
         }

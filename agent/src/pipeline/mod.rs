@@ -23,6 +23,7 @@ mod delta;
 
 pub use delta::BlockCounts;
 
+use crate::boot::BootLayout;
 use crate::disk::HEAD_LEN;
 use crate::disk::device::{Target, TargetKind};
 use crate::disk::gpt::TableSectors;
@@ -56,6 +57,8 @@ pub struct ImageRequest {
     pub format: Option<ImageFormat>,
     /// The block index the manifest names, if any.
     pub block_index: Option<IndexRef>,
+    /// The EFI loader the manifest names (`boot.loader`), if any.
+    pub boot_loader: Option<String>,
 }
 
 impl ImageRequest {
@@ -93,6 +96,7 @@ impl ImageRequest {
                 size: None,
                 format: None,
                 block_index: None,
+                boot_loader: None,
             });
         };
         let manifest_location = Location::parse(manifest_at)?;
@@ -124,6 +128,7 @@ impl ImageRequest {
             size: Some(manifest.size),
             format: Some(manifest.format),
             block_index,
+            boot_loader: manifest.boot.and_then(|boot| boot.loader),
         })
     }
 }
@@ -154,6 +159,8 @@ pub struct WriteReport {
     pub elapsed: Duration,
     /// Written through a block index: what was fetched, kept and written.
     pub blocks: Option<BlockCounts>,
+    /// The image's EFI system partition and partition GUIDs.
+    pub boot: BootLayout,
 }
 
 /// A failed write, and whether it got as far as changing the disk (then the
@@ -203,6 +210,7 @@ pub fn write_image(
         saved: job.saved.iter().cloned().collect(),
         elapsed: started.elapsed(),
         blocks: streamed.blocks,
+        boot: BootLayout::of_head(&streamed.head, job.saved.sector_size()),
     })
 }
 

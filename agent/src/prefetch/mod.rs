@@ -100,6 +100,7 @@ pub fn fetch(
         },
         format: staged.format,
         last_used: now,
+        boot_loader: request.boot_loader.clone(),
     };
     claim.commit(&partial, &record)?;
     tracing::info!(sha256 = %record.info.sha256, bytes = staged_bytes, "the image is staged");
@@ -116,6 +117,7 @@ pub fn write_request(images: &StagedImages, record: &StagedRecord) -> Option<Ima
         size: Some(record.info.size),
         format: Some(record.format),
         block_index: None,
+        boot_loader: record.boot_loader.clone(),
     })
 }
 

@@ -38,6 +38,9 @@ pub struct StagedRecord {
     pub format: ImageFormat,
     /// Last staged or asked for again: eviction takes the oldest first.
     pub last_used: Timestamp,
+    /// The EFI loader the image's manifest names, for the boot entry.
+    #[serde(default)]
+    pub boot_loader: Option<String>,
 }
 
 /// The staged copies of one agent.
@@ -358,6 +361,7 @@ mod tests {
             },
             format: ImageFormat::Zstd,
             last_used: at,
+            boot_loader: None,
         }
     }
 

@@ -33,6 +33,7 @@ fn operation(status: OperationStatus) -> Operation {
         updated_at: at,
         ended_at: None,
         duration_seconds: None,
+        boot_entry: None,
     }
 }
 
