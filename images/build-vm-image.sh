@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
 # Builds a bootable minimal Debian (bookworm) disk image with reimage-agent
 # installed and enabled, without loop mounts: debootstrap into a directory,
-# `mkfs.ext4 -d` to turn directories into file systems, `sgdisk` for the
-# partition tables, `dd conv=notrunc` to put each file system in place.
+# `mkfs.ext4 -d` to turn directories into file systems, `mkfs.vfat -C` and
+# `mcopy` for the EFI system partition, `sgdisk` for the partition tables,
+# `dd conv=notrunc` to put each file system in place.
+#
+# The image boots by itself through UEFI: its ESP holds a standalone GRUB
+# at the removable path \EFI\BOOT\BOOTX64.EFI whose built-in config finds
+# that ESP by its FAT volume id (new with each build) and boots the kernel
+# and initramfs next to it with `reimage.image=TAG` on the command line.
 #
 #   images/build-vm-image.sh OUTDIR [--marker TEXT] [--token-file FILE]
 #       [--agent BINARY] [--cache DIR] [--disk-size SIZE] [--storage-size SIZE]
 #       [--staging auto|memory|state_dir]
 #
 # OUTDIR gets:
-#   vmlinuz, initrd.img    the guest's kernel and initramfs (direct kernel boot)
+#   vmlinuz, initrd.img    the guest's kernel and initramfs (also on the ESP)
+#   esp.img                the EFI system partition (FAT, PARTLABEL `esp`)
 #   root.img               the root file system (ext4, label and PARTLABEL `root`)
-#   disk.img               the whole disk: GPT, 1: root, 2 (last): local-storage
-#   os.img                 the OS image: GPT with only `root`, ending before
-#                          local-storage starts on disk.img
+#   disk.img               the whole disk: GPT, 1: esp, 2: root, 3 (last):
+#                          local-storage
+#   os.img                 the OS image: GPT with `esp` and `root`, ending
+#                          before local-storage starts on disk.img
 #   os.img.zst(.manifest.json, .index.json)  os.img packed by
 #                          `reimage-agent image pack --block-index`
 #   saved.sha256           sha256sum line of saved.txt on local-storage
 #   admin.token            the API admin token (unless --token-file names one)
 #   image.env              shell variables describing all of the above
 #
+# TAG is --marker with every character but letters, digits, `.`, `_` and
+# `-` turned into `-` ("old image" boots with `reimage.image=old-image`).
 # Two builds with different --marker give an "old" and a "new" image; give
 # both the same --token-file so one token works before and after a reimage.
 # The debootstrapped root file system is cached under --cache (default
@@ -67,7 +77,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "skipping: build-vm-image.sh needs root (debootstrap chroots and sets owners)"
     exit 0
 fi
-for tool in debootstrap sgdisk mkfs.ext4 zstd; do
+for tool in debootstrap sgdisk mkfs.ext4 zstd mkfs.vfat mcopy grub-mkstandalone; do
     if ! command -v "$tool" >/dev/null; then
         bash "$repo/images/install-vm-tools.sh" ||
             { echo "skipping: cannot install the VM tools (see the error above)"; exit 0; }
@@ -102,7 +112,8 @@ out=$(realpath "$out")
 suite=bookworm
 mirror=${REIMAGE_VM_MIRROR:-http://deb.debian.org/debian}
 # systemd-networkd (part of systemd) does DHCP: no ifupdown or dhclient.
-include=systemd-sysv,udev,linux-image-cloud-amd64,busybox-static,e2fsprogs,kmod,iproute2,ca-certificates
+# efibootmgr: the VM test reads the firmware's boot entries in the guest.
+include=systemd-sysv,udev,linux-image-cloud-amd64,busybox-static,e2fsprogs,kmod,iproute2,ca-certificates,efibootmgr
 recipe="suite=$suite variant=minbase include=$include tidy=3"
 rootfs_key=$(printf %s "$recipe" | sha256sum | cut -c1-16)
 rootfs=$cache/rootfs-$rootfs_key
@@ -150,7 +161,7 @@ build_key=$({
     echo "marker=$marker token=$token_sha disk=$disk_mib storage=$storage_mib staging=$staging"
     sha256sum "$agent" "$repo/systemd/reimage-agent.service" "$repo/systemd/reimage-agent.sysusers" "$0" | cut -d' ' -f1
 } | sha256sum | cut -d' ' -f1)
-outputs=(vmlinuz initrd.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json
+outputs=(vmlinuz initrd.img esp.img root.img disk.img os.img os.img.zst os.img.zst.manifest.json
     os.img.zst.index.json saved.sha256 image.env)
 up_to_date=1
 [ "$(cat "$out/build.key" 2>/dev/null)" = "$build_key" ] || up_to_date=0
@@ -248,6 +259,35 @@ if [ -z "$kernel" ] || [ -z "$initrd" ]; then die "no kernel or initramfs in $ro
 cp "$kernel" "$work/vmlinuz"
 cp "$initrd" "$work/initrd.img"
 
+# --- the EFI system partition -------------------------------------------------
+# GRUB finds its ESP by the FAT volume id, drawn anew for each build, so two
+# builds never boot each other's kernel by mistake.
+tag=$(printf %s "$marker" | tr -c 'A-Za-z0-9._-' '-')
+volume_id=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n' | tr a-f A-F)
+cmdline="root=PARTLABEL=root ro console=ttyS0 reimage.image=$tag"
+cat >"$work/grub.cfg" <<EOF
+set timeout=0
+search --no-floppy --fs-uuid --set=root ${volume_id:0:4}-${volume_id:4:4}
+linux /vmlinuz $cmdline
+initrd /initrd.img
+boot
+EOF
+say "making esp.img: GRUB at \\EFI\\BOOT\\BOOTX64.EFI, kernel, initramfs (reimage.image=$tag)"
+grub-mkstandalone -O x86_64-efi -o "$work/BOOTX64.EFI" \
+    --modules="part_gpt fat search search_fs_uuid linux normal" \
+    --install-modules="part_gpt fat search search_fs_uuid linux normal boot echo configfile" \
+    --locales= --fonts= --themes= \
+    "boot/grub/grub.cfg=$work/grub.cfg"
+esp_bytes=$(stat -c %s "$work/BOOTX64.EFI" "$work/vmlinuz" "$work/initrd.img" | awk '{ n += $1 } END { print n }')
+# The files, 16 MiB to spare, rounded up to 16 MiB; at least 64 MiB.
+esp_mib=$(( ((esp_bytes >> 20) + 1 + 16 + 15) / 16 * 16 ))
+[ "$esp_mib" -ge 64 ] || esp_mib=64
+mkfs.vfat -C -i "$volume_id" -n ESP "$work/esp.img" $((esp_mib * 1024)) >/dev/null
+mmd -i "$work/esp.img" ::/EFI ::/EFI/BOOT
+mcopy -i "$work/esp.img" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$work/esp.img" "$work/vmlinuz" ::/vmlinuz
+mcopy -i "$work/esp.img" "$work/initrd.img" ::/initrd.img
+
 # --- file systems ------------------------------------------------------------
 # Root: what the files take, plus a quarter and 128 MiB for logs and
 # metadata, rounded up to 64 MiB.
@@ -268,8 +308,12 @@ head -c 1M /dev/urandom | od -An -tx1 >"$work/storage/saved.txt"
 mkfs.ext4 -q -F -L local-storage -d "$work/storage" "$work/storage.img" "${storage_mib}M" >/dev/null
 
 # --- partition tables, partitions put in place ---------------------------
-# Layout in MiB: [0,1) GPT | [1, 1+root) root | … | [storage_at, +storage) local-storage | backup GPT
-root_at=1
+# Layout in MiB: [0,1) GPT | [1, 1+esp) esp | [root_at, +root) root | … |
+# [storage_at, +storage) local-storage | backup GPT. Each table gets random
+# partition GUIDs: the ESP of every build (and of os.img and disk.img) has
+# a GUID of its own, as images built separately do.
+esp_at=1
+root_at=$((esp_at + esp_mib))
 os_mib=$((root_at + root_mib + 1))
 storage_at=$((disk_mib - storage_mib - 1))
 [ "$os_mib" -le "$storage_at" ] ||
@@ -280,23 +324,28 @@ place() { # place FILE IMAGE AT_MIB
     dd if="$1" of="$2" bs=1M seek="$3" conv=notrunc,sparse status=none
 }
 
-say "making os.img: ${os_mib} MiB, GPT with root"
+os_parts=(-n "1:$(mib_sectors $esp_at):+${esp_mib}M" -t 1:EF00 -c 1:esp
+    -n "2:$(mib_sectors $root_at):+${root_mib}M" -t 2:8300 -c 2:root)
+say "making os.img: ${os_mib} MiB, GPT with esp and root"
 truncate -s "${os_mib}M" "$work/os.img"
-sgdisk -o -n "1:$(mib_sectors $root_at):+${root_mib}M" -t 1:8300 -c 1:root "$work/os.img" >/dev/null
+sgdisk -o "${os_parts[@]}" "$work/os.img" >/dev/null
+place "$work/esp.img" "$work/os.img" "$esp_at"
 place "$work/root.img" "$work/os.img" "$root_at"
 
-say "making disk.img: ${disk_mib} MiB, GPT with root and local-storage at ${storage_at} MiB"
+say "making disk.img: ${disk_mib} MiB, GPT with esp, root and local-storage at ${storage_at} MiB"
 truncate -s "${disk_mib}M" "$work/disk.img"
-sgdisk -o -n "1:$(mib_sectors $root_at):+${root_mib}M" -t 1:8300 -c 1:root \
-    -n "2:$(mib_sectors "$storage_at"):+${storage_mib}M" -t 2:8300 -c 2:local-storage \
+sgdisk -o "${os_parts[@]}" \
+    -n "3:$(mib_sectors "$storage_at"):+${storage_mib}M" -t 3:8300 -c 3:local-storage \
     "$work/disk.img" >/dev/null
+place "$work/esp.img" "$work/disk.img" "$esp_at"
 place "$work/root.img" "$work/disk.img" "$root_at"
 place "$work/storage.img" "$work/disk.img" "$storage_at"
 
-# What the kernel will read: fail here rather than at the guest's boot.
+# What the firmware and the kernel will read: fail here rather than at the
+# guest's boot.
 labels() { sgdisk -p "$1" | awk '/^ +[0-9]+ / {printf "%s ", $NF}'; }
-[ "$(labels "$work/os.img")" = "root " ] || die "os.img: partitions: $(labels "$work/os.img")"
-[ "$(labels "$work/disk.img")" = "root local-storage " ] ||
+[ "$(labels "$work/os.img")" = "esp root " ] || die "os.img: partitions: $(labels "$work/os.img")"
+[ "$(labels "$work/disk.img")" = "esp root local-storage " ] ||
     die "disk.img: partitions: $(labels "$work/disk.img")"
 
 say "packing os.img"
@@ -306,8 +355,11 @@ cat >"$work/image.env" <<EOF
 # Written by images/build-vm-image.sh; sizes and offsets in MiB.
 VM_MARKER='${marker//\'/\'\\\'\'}'
 VM_TOKEN_FILE='$token_file'
-VM_KERNEL_CMDLINE='root=PARTLABEL=root ro console=ttyS0'
+VM_KERNEL_CMDLINE='$cmdline'
+VM_BOOT_TAG='$tag'
 VM_DISK_MIB=$disk_mib
+VM_ESP_AT_MIB=$esp_at
+VM_ESP_MIB=$esp_mib
 VM_ROOT_AT_MIB=$root_at
 VM_ROOT_MIB=$root_mib
 VM_STORAGE_AT_MIB=$storage_at

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the VM image and VM test need: qemu-system-x86, debootstrap,
-# gdisk, e2fsprogs, zstd, curl, jq, socat. Idempotent: installs only what
-# is missing.
+# gdisk, e2fsprogs, zstd, curl, jq, socat, and for the UEFI boot chain ovmf
+# (the firmware), grub-efi-amd64-bin (grub-mkstandalone), dosfstools and
+# mtools (an ESP without loop mounts). Idempotent: installs only what is
+# missing.
 #
 # QEMU comes from <codename>-backports: this kind of machine ships
 # qemu-utils from backports, and the base suite's qemu-system-x86 conflicts
@@ -31,7 +33,12 @@ have_all() {
         command -v zstd >/dev/null &&
         command -v curl >/dev/null &&
         command -v jq >/dev/null &&
-        command -v socat >/dev/null
+        command -v socat >/dev/null &&
+        command -v grub-mkstandalone >/dev/null &&
+        [ -d /usr/lib/grub/x86_64-efi ] &&
+        command -v mkfs.vfat >/dev/null &&
+        command -v mcopy >/dev/null &&
+        [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]
 }
 if have_all; then
     echo "install-vm-tools: everything is installed"
@@ -93,7 +100,7 @@ fi
 
 echo "install-vm-tools: apt-get update"
 apt-get update -q >/dev/null || die "apt-get update failed"
-base=(debootstrap gdisk e2fsprogs zstd curl jq socat)
+base=(debootstrap gdisk e2fsprogs zstd curl jq socat ovmf grub-efi-amd64-bin dosfstools mtools)
 echo "install-vm-tools: installing ${base[*]}"
 apt-get install -y -q --no-install-recommends "${base[@]}" >/dev/null ||
     die "apt-get install ${base[*]} failed"

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # VM end-to-end test of the in-place reimage: the guest runs from the disk
 # it reimages, through the staging, the systemd shutdown handoff and the
-# confirmation by the agent of the new image. From the host, over the API:
+# confirmation by the agent of the new image. The guest boots through UEFI
+# firmware (OVMF, its variables kept in a file across reboots): each image
+# brings its own GRUB, kernel and command line (`reimage.image=TAG`) on an
+# ESP of its own GUID. From the host, over the API:
 #
 #   1. old → new, staged on local-storage (state_dir): a running task is
 #      requeued; after `reimagectl op wait` the operation is Succeeded, the
 #      guest runs the new image (its marker), saved.txt on local-storage has
 #      its SHA-256, the requeued task ran again on the new image, and the node
-#      reports the new image's hash.
-#   2. new → old, staged in RAM: Succeeded, the old marker is back.
+#      reports the new image's hash. The new image's command line is in
+#      /proc/cmdline; the agent wrote a boot entry for its ESP (another GUID
+#      than the old one's), the firmware booted it (BootCurrent) and it is
+#      first in BootOrder, as efibootmgr in the guest shows.
+#   2. new → old, staged in RAM: Succeeded, the old marker and command line
+#      are back, booted by an entry of their own; the new image's entry is
+#      removed.
 #   3. a corrupted image (its manifest's hash no longer matches): the
 #      operation is Failed while staging, the node stayed up on its image,
 #      saved.txt intact.
@@ -77,6 +85,8 @@ printf "\\x$(printf %02x $((byte ^ 0xff)))" |
     dd of="$serve/bad/os.img.zst" bs=1 seek="$middle" conv=notrunc status=none
 ! cmp -s "$serve/bad/os.img.zst" "$work/new/os.img.zst" || fail "the corrupted copy equals the image"
 cp --sparse=always "$work/old/disk.img" "$run/disk.img"
+# The firmware's variables: a fresh store, kept across the guest's reboots.
+cp /usr/share/OVMF/OVMF_VARS_4M.fd "$run/vars.fd"
 phase_done "build"
 
 vm_session "$token_file" "$serve" "$run/http.log"
@@ -103,6 +113,33 @@ wait_op() {
 
 marker() { vm_run_task "marker-$1" "cat /etc/reimage-marker"; }
 
+# booted_tag NAME: the reimage.image= value the running kernel got from
+# its boot loader.
+booted_tag() { vm_run_task "cmdline-$1" "cat /proc/cmdline" | tr ' ' '\n' | sed -n 's/^reimage\.image=//p'; }
+tag_of() { (. "$work/$1/image.env" && echo "$VM_BOOT_TAG"); }
+# esp_guid FILE: the partition GUID of the ESP (partition 1) in FILE's GPT.
+esp_guid() { sgdisk -i 1 "$1" | sed -n 's/^Partition unique GUID: //p' | tr A-F a-f; }
+
+# boot_entry_ok NAME OPERATION: the operation's boot entry names image
+# NAME's ESP, the firmware booted it, and it leads BootOrder; prints the
+# entry (Boot####).
+boot_entry_ok() {
+    local entry shown number
+    entry=$(jq -r '.bootEntry.entry // empty' <<<"$2")
+    [ -n "$entry" ] || fail "no boot entry was written for the $1 image: $2"
+    [ "$(jq -r '.bootEntry.error' <<<"$2")" = null ] || fail "boot entry error: $2"
+    [ "$(jq -r .bootEntry.espPartUuid <<<"$2")" = "$(esp_guid "$work/$1/os.img")" ] ||
+        fail "the boot entry does not name the $1 image's ESP ($(esp_guid "$work/$1/os.img")): $2"
+    [ "$(jq -r .bootEntry.booted <<<"$2")" = true ] || fail "the firmware did not boot $entry: $2"
+    [ "$(jq -r .bootEntry.firstInBootOrder <<<"$2")" = true ] || fail "$entry is not first in BootOrder: $2"
+    shown=$(vm_run_task "efibootmgr-$1-$SECONDS" "efibootmgr -v")
+    number=${entry#Boot}
+    grep -qx "BootCurrent: $number" <<<"$shown" || fail "efibootmgr: BootCurrent is not $number: $shown"
+    grep -q "^BootOrder: $number" <<<"$shown" || fail "efibootmgr: BootOrder does not start with $number: $shown"
+    echo "boot entry: $(grep "^$entry" <<<"$shown"), removed: $(jq -c .bootEntry.removed <<<"$2")" >&2
+    echo "$entry"
+}
+
 # moved NAME OPERATION: an in-place reimage through the block index fetched
 # (staging, the running disk as the seed; as the agent and the server count
 # it) and wrote (the handoff, after the old root was unmounted) less than
@@ -127,11 +164,14 @@ saved_ok() {
 }
 
 echo "== boot the old image (API on $VM_API, serial console in $run/serial.log)"
-vm_pid=$(bash "$repo/tests/vm/run-vm.sh" "$run/disk.img" "$work/old/vmlinuz" "$work/old/initrd.img" \
+vm_pid=$(bash "$repo/tests/vm/run-vm.sh" "$run/disk.img" --uefi "$run/vars.fd" \
     --port "$port" --serve-port "$serve_port" --log "$run/serial.log")
 [ -n "$vm_pid" ] || { echo "skipping: QEMU could not be started"; exit 0; }
 vm_wait_healthz 300 "$vm_pid" || fail "the agent in the VM did not come up"
 [ "$(marker boot)" = "old image" ] || fail "the guest did not boot the old image"
+[ "$(booted_tag boot)" = "$(tag_of old)" ] || fail "the old image's boot loader did not boot it: $(vm_run_task cmdline "cat /proc/cmdline")"
+[ "$(esp_guid "$work/old/disk.img")" != "$(esp_guid "$work/new/os.img")" ] ||
+    fail "the old and the new image have the same ESP GUID"
 saved_ok boot
 node=$(vm_api GET /v1/node)
 [ "$(jq -r .taskIsolation <<<"$node")" = cgroup ] ||
@@ -158,6 +198,8 @@ moved new "$result"
 phase_done "reimage old → new (state_dir)"
 
 [ "$(marker new)" = "new image" ] || fail "the guest does not run the new image"
+[ "$(booted_tag new)" = "$(tag_of new)" ] || fail "the new image's boot loader did not boot it: $(vm_run_task cmdline-new "cat /proc/cmdline")"
+new_entry=$(boot_entry_ok new "$result")
 [ "$(vm_run_task boot-after "cat /proc/sys/kernel/random/boot_id")" != "$boot_before" ] ||
     fail "the boot id did not change"
 saved_ok new
@@ -183,6 +225,11 @@ echo "operation: $(jq -c '{status, phase, error}' <<<"$result")"
 [ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage back to the old image did not succeed: $result"
 moved old "$result"
 [ "$(marker back)" = "old image" ] || fail "the guest does not run the old image again"
+[ "$(booted_tag back)" = "$(tag_of old)" ] || fail "the old image's boot loader did not boot it again"
+old_entry=$(boot_entry_ok old "$result")
+[ "$old_entry" != "$new_entry" ] || fail "the old image's ESP reused the new one's entry $new_entry"
+jq -e --arg e "$new_entry" '.bootEntry.removed | index($e)' <<<"$result" >/dev/null ||
+    fail "the new image's entry $new_entry, whose ESP left the disk, was not removed: $result"
 saved_ok back
 phase_done "reimage new → old (memory)"
 

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Starts the test VM in the background and prints QEMU's PID.
 #
+#   tests/vm/run-vm.sh DISK --uefi VARS [--port P] [--log FILE]
+#       [--serve-port HP] [--no-reboot]
 #   tests/vm/run-vm.sh DISK KERNEL INITRD [--port P] [--log FILE]
 #       [--serve-port HP] [--append ARGS] [--no-reboot]
 #
 # Software emulation (there is no usable KVM on these machines), 2 vCPUs,
-# 1 GiB. Direct kernel boot: KERNEL and INITRD come from the host and stay the
-# same across guest reboots; the root file system is found on DISK by
-# PARTLABEL=root. DISK is used in place (writable): boot a copy to keep it.
+# 1 GiB. DISK is used in place (writable): boot a copy to keep it.
 #
+# With --uefi the firmware boots DISK by itself: OVMF's code read-only, VARS
+# (a copy of OVMF_VARS_4M.fd the caller keeps) as its NVRAM, so boot entries
+# persist across the guest's reboots and runs. Otherwise direct kernel boot:
+# KERNEL and INITRD come from the host and stay the same across guest
+# reboots; the root file system is found on DISK by PARTLABEL=root.
+#
+#   --uefi VARS      boot through UEFI firmware with VARS as its variables
 #   --port P         host 127.0.0.1:P reaches the agent's API in the guest
 #                    (guest port 7480); default 7480
 #   --log FILE       serial console (kernel, systemd) and QEMU's messages;
@@ -37,6 +44,7 @@ log=""
 serve_port=""
 append=""
 no_reboot=()
+vars=""
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -44,15 +52,26 @@ while [ $# -gt 0 ]; do
         --log) log=${2:?--log needs FILE}; shift 2 ;;
         --serve-port) serve_port=${2:?--serve-port needs HP}; shift 2 ;;
         --append) append=${2:?--append needs ARGS}; shift 2 ;;
+        --uefi) vars=${2:?--uefi needs VARS}; shift 2 ;;
         --no-reboot) no_reboot=(-no-reboot); shift ;;
         -h|--help) usage ;;
         -*) die "unknown option $1" ;;
         *) args+=("$1"); shift ;;
     esac
 done
-[ "${#args[@]}" -eq 3 ] || usage
-disk=${args[0]} kernel=${args[1]} initrd=${args[2]}
-for f in "$disk" "$kernel" "$initrd"; do [ -f "$f" ] || die "no file $f"; done
+ovmf_code=/usr/share/OVMF/OVMF_CODE_4M.fd
+if [ -n "$vars" ]; then
+    [ "${#args[@]}" -eq 1 ] && [ -z "$append" ] || usage
+    [ -f "$ovmf_code" ] || die "no $ovmf_code (images/install-vm-tools.sh installs ovmf)"
+    [ -f "$vars" ] || die "no variables store $vars (copy /usr/share/OVMF/OVMF_VARS_4M.fd)"
+    boot=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$ovmf_code"
+        -drive "if=pflash,format=raw,unit=1,file=$vars")
+else
+    [ "${#args[@]}" -eq 3 ] || usage
+    boot=(-kernel "${args[1]}" -initrd "${args[2]}" -append "root=PARTLABEL=root ro console=ttyS0 $append")
+fi
+disk=${args[0]}
+for f in "${args[@]}"; do [ -f "$f" ] || die "no file $f"; done
 log=${log:-$disk.log}
 
 if ! command -v qemu-system-x86_64 >/dev/null; then
@@ -80,8 +99,7 @@ setsid qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
     -nographic -monitor none \
     "${no_reboot[@]}" \
-    -kernel "$kernel" -initrd "$initrd" \
-    -append "root=PARTLABEL=root ro console=ttyS0 $append" \
+    "${boot[@]}" \
     -drive "file=$disk,format=raw,if=none,id=disk0,cache=unsafe,discard=unmap" \
     -device virtio-blk-pci,drive=disk0,serial=reimage-vm \
     -nic "$net" \

@@ -253,3 +253,13 @@ fn line_and_column_count_from_one() {
     assert_eq!(line_column("ab\ncd", 4), (2, 2));
     assert_eq!(line_column("é\nx", 3), (2, 1));
 }
+
+#[test]
+fn efivars_defaults_to_efivarfs_and_can_be_moved() {
+    let config = Config::parse(&minimal(""), "agent.toml").expect("valid");
+    assert_eq!(config.reboot.efivars, Path::new(DEFAULT_EFIVARS));
+    let config = Config::parse(&minimal("efivars = \"/tmp/vars\"\n"), "agent.toml").expect("valid");
+    assert_eq!(config.reboot.efivars, Path::new("/tmp/vars"));
+    let message = error_of(&minimal("efivars = 3\n"));
+    assert!(message.contains("efivars"), "{message}");
+}
