@@ -77,7 +77,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "skipping: build-vm-image.sh needs root (debootstrap chroots and sets owners)"
     exit 0
 fi
-for tool in debootstrap sgdisk mkfs.ext4 zstd mkfs.vfat mcopy grub-mkstandalone; do
+for tool in debootstrap sgdisk mkfs.ext4 zstd mkfs.vfat mcopy grub-mkstandalone jq; do
     if ! command -v "$tool" >/dev/null; then
         bash "$repo/images/install-vm-tools.sh" ||
             { echo "skipping: cannot install the VM tools (see the error above)"; exit 0; }
@@ -365,7 +365,7 @@ VM_ROOT_MIB=$root_mib
 VM_STORAGE_AT_MIB=$storage_at
 VM_STORAGE_MIB=$storage_mib
 VM_OS_IMAGE_MIB=$os_mib
-VM_OS_IMAGE_SHA256=$(sed -n 's/.*"sha256": *"\([0-9a-f]*\)".*/\1/p' "$work/os.img.zst.manifest.json")
+VM_OS_IMAGE_SHA256=$(jq -r .sha256 "$work/os.img.zst.manifest.json")
 EOF
 
 for f in "${outputs[@]}"; do
