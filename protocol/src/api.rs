@@ -72,6 +72,17 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// How a reimaged node starts its new image, where a request chooses.
+    pub enum RebootKind {
+        /// Through the firmware, as `[reboot] method` says.
+        Firmware = "firmware",
+        /// Straight into the new image's kernel (its manifest's
+        /// `boot.kexec`), skipping the firmware.
+        Kexec = "kexec",
+    }
+}
+
+wire_enum! {
     /// What happens to running tasks when scheduling is disabled.
     #[derive(Default)]
     pub enum DisableSchedulingOption {
@@ -211,6 +222,10 @@ pub struct ReimageRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "utoipa", schema(min_length = 1, max_length = 4096))]
     pub manifest_url: Option<String>,
+    /// `kexec`: boot the new image's kernel directly instead of through
+    /// the firmware (falls back to the firmware when it cannot be loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootKind>,
 }
 
 /// `POST /v1/images/prefetch`: the image to stage, as in a reimage request
@@ -405,6 +420,20 @@ pub struct Operation {
     /// A reimage of a node that booted through UEFI: its boot entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_entry: Option<BootEntryReport>,
+    /// How the node went down into the new image, once it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootReport>,
+}
+
+/// How a reimaged node rebooted: `kexec` (the new kernel was loaded) or
+/// `firmware`; `fallback` says why a `kexec` that was asked for became a
+/// firmware reboot.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootReport {
+    pub method: RebootKind,
+    pub fallback: Option<String>,
 }
 
 /// `{"name","value"}` for a task's environment.
@@ -666,6 +695,7 @@ mod tests {
             ended_at: None,
             duration_seconds: None,
             boot_entry: None,
+            reboot: None,
         };
         let json = serde_json::to_value(&op).expect("serialises");
         assert_eq!(json["status"], "InProgress");

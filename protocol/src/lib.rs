@@ -16,6 +16,6 @@ mod wire_enum;
 
 pub use client::{Client, ClientError, KeepAlive, RetryPolicy, WaitEvent};
 pub use error_code::ErrorCode;
-pub use manifest::{BlockIndexRef, ImageBoot, ImageFormat, ImageManifest};
+pub use manifest::{BlockIndexRef, FileRef, ImageBoot, ImageFormat, ImageManifest, KexecBoot};
 pub use progress::{Phase, WriteProgress};
 pub use request_id::new_request_id;

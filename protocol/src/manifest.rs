@@ -56,24 +56,42 @@ pub struct ImageManifest {
     pub boot: Option<ImageBoot>,
 }
 
-/// `"boot": {"loader"}`: the EFI loader on the image's EFI system partition
-/// that the firmware's boot entry names; `\EFI\BOOT\BOOTX64.EFI` when
-/// not given.
+/// `"boot": {"loader", "kexec"}`: the EFI loader on the image's EFI system
+/// partition that the firmware's boot entry names
+/// (`\EFI\BOOT\BOOTX64.EFI` when not given), and what a `kexec`
+/// reboot boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageBoot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loader: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kexec: Option<KexecBoot>,
 }
 
-/// Where an image's block index is (`url`, relative to the manifest like the
-/// image's) and its SHA-256, so that the manifest's signature covers it.
+/// `"kexec": {"kernel", "initrd", "cmdline"}`: the image's kernel and
+/// initramfs, each with its SHA-256, and its kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BlockIndexRef {
+pub struct KexecBoot {
+    pub kernel: FileRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<FileRef>,
+    pub cmdline: String,
+}
+
+/// A file the manifest names beside the image (`url`, relative to the
+/// manifest like the image's) and its SHA-256, so that the manifest's
+/// signature covers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
     pub url: String,
     pub sha256: String,
 }
+
+/// Where an image's block index is.
+pub type BlockIndexRef = FileRef;
 
 #[cfg(test)]
 mod tests {

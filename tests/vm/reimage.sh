@@ -20,8 +20,14 @@
 #   3. a corrupted image (its manifest's hash no longer matches): the
 #      operation is Failed while staging, the node stayed up on its image,
 #      saved.txt intact.
+#   4. old → new with `"reboot": "kexec"` and a manifest naming the new
+#      image's kernel, initramfs and command line: the firmware is skipped
+#      (the operation says kexec), the new command line is in /proc/cmdline,
+#      saved.txt intact.
 #
-# Prints each phase's time at the end.
+# Prints each phase's time at the end, and the time from the operation's
+# `rebooting` to the agent answering again for the firmware reboot of 1
+# and the kexec of 4 (both include the shutdown handoff's write).
 #
 #   tests/vm/reimage.sh          (as root; REIMAGE_VM_WORK=DIR to move its
 #                                 files from /var/cache/reimage-vm/reimage)
@@ -75,6 +81,18 @@ done
 for file in os.img.zst os.img.zst.manifest.json os.img.zst.index.json; do
     cp "$work/new/$file" "$serve/bad/$file"
 done
+# The new image again, its manifest naming what kexec boots.
+mkdir -p "$serve/kexec"
+for file in os.img.zst os.img.zst.index.json vmlinuz initrd.img; do
+    ln -s "$work/new/$file" "$serve/kexec/$file"
+done
+(
+    . "$work/new/image.env"
+    jq --arg k "$(sha256sum <"$work/new/vmlinuz" | cut -d' ' -f1)" \
+        --arg i "$(sha256sum <"$work/new/initrd.img" | cut -d' ' -f1)" --arg c "$VM_KERNEL_CMDLINE" \
+        '. + {boot: {kexec: {kernel: {url: "vmlinuz", sha256: $k}, initrd: {url: "initrd.img", sha256: $i}, cmdline: $c}}}' \
+        "$work/new/os.img.zst.manifest.json" >"$serve/kexec/os.img.zst.manifest.json"
+)
 # One byte in the middle of block 0's frame inverted (the block every write
 # through the index fetches): it decodes to another block or not at all;
 # either way the checks must stop it. (Inverted, not set: a byte set to a
@@ -94,13 +112,37 @@ vm_session "$token_file" "$serve" "$run/http.log"
 # reimagectl against the guest's agent.
 ctl() { "$ctl" --agent "$VM_API" --token-file "$token_file" "$@"; }
 
-# reimage NAME OPTION: POST /v1/node/reimage of image NAME from the host's
-# server; prints the operation id.
+# reimage NAME OPTION [REBOOT]: POST /v1/node/reimage of image NAME from
+# the host's server (REBOOT: "kexec" or "firmware"); prints the operation id.
 reimage() {
     local body
     body=$(jq -cn --arg m "http://10.0.2.100:$serve_port/$1/os.img.zst.manifest.json" --arg o "$2" \
-        '{nodeReimageOption: $o, manifestUrl: $m}')
+        --arg r "${3:-}" '{nodeReimageOption: $o, manifestUrl: $m} + (if $r == "" then {} else {reboot: $r} end)')
     vm_api POST /v1/node/reimage "$body" | jq -r .id
+}
+
+# reboot_seconds OP: seconds from operation OP's phase `rebooting` (or the
+# agent going away, if that comes first) to the agent answering /healthz
+# again.
+reboot_seconds() {
+    local deadline=$((SECONDS + 900)) phase t0
+    healthy() { [ "$(curl -s --max-time 2 "$VM_API/healthz" 2>/dev/null)" = ok ]; }
+    while :; do
+        phase=$(curl -s --max-time 2 -H "Authorization: Bearer $VM_TOKEN" "$VM_API/v1/operations/$1" | jq -r .phase 2>/dev/null) || phase=""
+        [ "$phase" != rebooting ] && healthy || break
+        [ "$SECONDS" -lt "$deadline" ] || fail "operation $1 did not reach rebooting"
+        sleep 0.2
+    done
+    t0=$(date +%s.%N)
+    while healthy; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "the agent did not go down for operation $1"
+        sleep 0.2
+    done
+    until healthy; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "the agent did not come back after operation $1"
+        sleep 0.2
+    done
+    awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }'
 }
 
 # wait_op ID: reimagectl op wait, through the guest's reboot; prints the
@@ -190,6 +232,7 @@ done
 boot_before=$(vm_run_task boot-before "cat /proc/sys/kernel/random/boot_id")
 op=$(reimage new requeue)
 echo "operation $op"
+firmware_seconds=$(reboot_seconds "$op")
 result=$(wait_op "$op")
 echo "operation: $(jq -c '{status, phase, error, requeuedTasks}' <<<"$result")"
 [ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage to the new image did not succeed: $result"
@@ -249,6 +292,22 @@ esac
 [ "$(vm_api GET /v1/node | jq -r .state)" = idle ] || fail "the node is not idle after the refused image"
 saved_ok bad
 phase_done "corrupted image refused"
+
+echo "== 4. old → new by kexec: the firmware skipped"
+boot_before=$(vm_run_task boot-kexec "cat /proc/sys/kernel/random/boot_id")
+op=$(reimage kexec requeue kexec)
+kexec_seconds=$(reboot_seconds "$op")
+result=$(wait_op "$op")
+echo "operation: $(jq -c '{status, phase, error, reboot}' <<<"$result")"
+[ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the kexec reimage did not succeed: $result"
+[ "$(jq -r .reboot.method <<<"$result")" = kexec ] || fail "the node did not reboot by kexec: $result"
+[ "$(booted_tag kexec)" = "$(tag_of new)" ] || fail "the kexec did not boot the new image's command line: $(vm_run_task cmdline-kexec "cat /proc/cmdline")"
+[ "$(vm_run_task boot-kexec-after "cat /proc/sys/kernel/random/boot_id")" != "$boot_before" ] ||
+    fail "the boot id did not change"
+[ "$(marker kexec)" = "new image" ] || fail "the guest does not run the new image after the kexec"
+saved_ok kexec
+echo "from rebooting to the agent answering: firmware reboot ${firmware_seconds}s (case 1), kexec ${kexec_seconds}s; both include the handoff's write, and a real server's POST is minutes where OVMF's is seconds"
+phase_done "reimage old → new (kexec)"
 
 vm_stop "$vm_pid"
 vm_pid=""

@@ -59,9 +59,9 @@ pub fn stage(
     busy: &[String],
     report: &mut dyn FnMut(&WriteProgress),
 ) -> Result<Prepared> {
-    if request.reboot != RebootMethod::Systemd {
+    if !request.reboot.through_systemd() {
         return Err(Error::HandoffUnavailable(format!(
-            "the target is in use ({}) and [reboot] method is {:?}; only \"systemd\" runs a shutdown handoff that can write it",
+            "the target is in use ({}) and [reboot] method is {:?}; only \"systemd\" (or \"kexec\") runs a shutdown handoff that can write it",
             busy.join(", "),
             request.reboot
         )));

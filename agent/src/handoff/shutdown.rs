@@ -253,13 +253,16 @@ fn reread_partition_table(target: &Path) {
     }
 }
 
-/// Syncs and reboots (or powers off or halts, as systemd was asked).
+/// Syncs and reboots (or powers off or halts, as systemd was asked; or
+/// boots the kernel the agent loaded for kexec, when it was asked to and
+/// one is loaded).
 fn finish(verb: &str) -> ! {
     use nix::sys::reboot::{RebootMode, reboot};
     nix::unistd::sync();
     let mode = match verb {
         "poweroff" => RebootMode::RB_POWER_OFF,
         "halt" => RebootMode::RB_HALT_SYSTEM,
+        "kexec" if crate::reboot::kexec::loaded() => RebootMode::RB_KEXEC,
         _ => RebootMode::RB_AUTOBOOT,
     };
     say(&format!("{verb}: {mode:?}"));

@@ -10,7 +10,7 @@ use crate::boot::efivars::{EfiVars, boot_name};
 use crate::boot::{self, BootLayout, BootTarget, DEFAULT_LOADER};
 use crate::disk::gpt::format_guid;
 use reimage_protocol::ErrorCode;
-use reimage_protocol::api::{BootEntryReport, OperationError};
+use reimage_protocol::api::{BootEntryReport, OperationError, RebootKind};
 use std::os::unix::fs::FileTypeExt;
 
 impl Agent {
@@ -84,10 +84,16 @@ impl Agent {
         let Some((vars, mut report, number, before)) = self.boot_entry_of(id) else {
             return Ok(());
         };
+        // After a kexec the firmware's BootCurrent is the boot before it.
+        let kexeced = self
+            .operation(id)
+            .and_then(|op| op.reboot)
+            .is_some_and(|r| r.method == RebootKind::Kexec);
         report.booted = vars
             .read_u16("BootCurrent")
             .ok()
             .flatten()
+            .filter(|_| !kexeced)
             .map(|current| current == number);
         let now = BootLayout::of_disk(&self.config.disk.target).guids;
         match boot::settle(&vars, number, &before, &now) {

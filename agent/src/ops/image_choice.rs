@@ -7,6 +7,7 @@ use crate::image::digest;
 use crate::image::http::HttpOptions;
 use crate::image::source::Location;
 use crate::pipeline::ImageRequest;
+use crate::reboot::kexec::KexecRequest;
 use reimage_protocol::ErrorCode;
 use reimage_protocol::api::ImageSpec;
 
@@ -153,7 +154,39 @@ impl ImageChoice {
                 ImageRequest::resolve(None, Some(manifest), None, http, trusted_keys)?
             }
         };
-        if let Location::File(path) = &request.location {
+        self.check_named(config, &request.location)?;
+        Ok(request)
+    }
+
+    /// What a kexec into this image boots: its manifest's `boot.kexec`,
+    /// each file held to the rules of the image's own URL. `Ok(None)` for
+    /// an image without a manifest, or whose manifest names no kernel.
+    pub fn kexec(
+        &self,
+        config: &Config,
+        http: &HttpOptions,
+    ) -> crate::Result<Option<KexecRequest>> {
+        let ImageSource::Manifest(manifest) = &self.what else {
+            return Ok(None);
+        };
+        let location = Location::parse(manifest)?;
+        let (manifest, _) =
+            crate::image::manifest::load(&location, http, &config.image.trusted_keys)?;
+        let Some(kexec) = manifest.boot.and_then(|boot| boot.kexec) else {
+            return Ok(None);
+        };
+        let request = KexecRequest::from_manifest(&kexec, &location)?;
+        for file in request.files() {
+            self.check_named(config, &file.location)?;
+        }
+        Ok(Some(request))
+    }
+
+    /// A location a manifest names is held to the rules of the request's
+    /// own URLs: a manifest from a server may not point the agent at a
+    /// file on the node, and `allowed_urls` applies.
+    fn check_named(&self, config: &Config, location: &Location) -> crate::Result<()> {
+        if let Location::File(path) = location {
             let local_allowed = self.origin == Origin::Config || config.image.allow_local_files;
             if !local_allowed {
                 return Err(crate::Error::ImageUrlNotAllowed(format!(
@@ -162,13 +195,12 @@ impl ImageChoice {
                 )));
             }
         }
-        if !config.image.allowed_urls.allows_location(&request.location) {
+        if !config.image.allowed_urls.allows_location(location) {
             return Err(crate::Error::ImageUrlNotAllowed(format!(
-                "{} (from the manifest) does not match [image] allowed_urls",
-                request.location
+                "{location} (from the manifest) does not match [image] allowed_urls"
             )));
         }
-        Ok(request)
+        Ok(())
     }
 }
 

@@ -88,6 +88,7 @@ impl OperationRecord {
                 ended_at: None,
                 duration_seconds: None,
                 boot_entry: None,
+                reboot: None,
             },
             request,
             image_source,

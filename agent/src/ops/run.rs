@@ -14,7 +14,7 @@ use crate::tasks::StopMode;
 use jiff::Timestamp;
 use reimage_protocol::api::{
     ImageRef, NameValuePair, NodeError, NodeReimageOption, OperationError, OperationKind,
-    OperationProgress, OperationStatus,
+    OperationProgress, OperationStatus, RebootKind, RebootReport,
 };
 use reimage_protocol::{ErrorCode, Phase, WriteProgress};
 use std::sync::Arc;
@@ -79,6 +79,7 @@ impl Agent {
             .ok_or_else(|| crate::Error::InvalidArgument(format!("operation {id} vanished")))?;
         self.apply_task_policy(id, record.operation.node_reimage_option)
             .await?;
+        let mut kexec_into = None;
         if record.operation.kind == OperationKind::Reimage {
             let request = record
                 .request
@@ -92,6 +93,9 @@ impl Agent {
                 request.manifest_url.as_deref(),
             )
             .map_err(|refusal| crate::Error::InvalidArgument(refusal.to_string()))?;
+            if self.wants_kexec(request.reboot) {
+                kexec_into = Some(image.clone());
+            }
             let written = self.write(id, image).await?;
             // The agent that confirms it may be the next boot's.
             self.update_node(|node| node.pending_image = Some(written.image.clone()))?;
@@ -101,8 +105,58 @@ impl Agent {
             })?;
             self.point_firmware_at(id, &written)?;
         }
-        self.reboot_now(id).await?;
+        self.reboot_now(id, kexec_into).await?;
         Ok(())
+    }
+
+    /// Whether a reimage boots its new kernel by kexec: the request says
+    /// so, or it says nothing and `[reboot] method` is `kexec`.
+    fn wants_kexec(&self, asked: Option<RebootKind>) -> bool {
+        match asked {
+            Some(kind) => kind == RebootKind::Kexec,
+            None => self.config.reboot.method == RebootMethod::Kexec,
+        }
+    }
+
+    /// Loads the kernel of `image` for kexec; on any failure the node
+    /// reboots through the firmware instead, and the operation says why.
+    /// Returns whether the kernel is loaded.
+    async fn load_kexec(self: &Arc<Self>, id: &str, image: ImageChoice) -> bool {
+        let agent = Arc::clone(self);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let http = agent.http_options();
+            let request = image.kexec(&agent.config, &http)?.ok_or_else(|| {
+                crate::Error::InvalidArgument(
+                    "the image's manifest names no kernel (boot.kexec)".into(),
+                )
+            })?;
+            reboot::kexec::load(&request, &http)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::Error::io(
+                "loading the kernel",
+                std::io::Error::other(e),
+            ))
+        });
+        let report = match loaded {
+            Ok(()) => RebootReport {
+                method: RebootKind::Kexec,
+                fallback: None,
+            },
+            Err(err) => {
+                tracing::warn!(operation = %id, %err, "kexec is not possible; rebooting through the firmware");
+                RebootReport {
+                    method: RebootKind::Firmware,
+                    fallback: Some(format!("kexec: {err}")),
+                }
+            }
+        };
+        let kexec = report.method == RebootKind::Kexec;
+        if let Err(err) = self.update(id, |op| op.reboot = Some(report)) {
+            tracing::warn!(operation = %id, %err, "could not record how the node reboots");
+        }
+        kexec
     }
 
     /// Applies the operation's policy to the tasks on the node.
@@ -343,8 +397,13 @@ impl Agent {
     }
 
     /// Records the boot the reboot leaves from, then reboots by the
-    /// configured method. With `none` the new image is confirmed at once.
-    async fn reboot_now(self: &Arc<Self>, id: &str) -> crate::Result<()> {
+    /// configured method: into the kernel of `kexec_into` when it loads.
+    /// With `none` the new image is confirmed at once.
+    async fn reboot_now(
+        self: &Arc<Self>,
+        id: &str,
+        kexec_into: Option<ImageChoice>,
+    ) -> crate::Result<()> {
         let boot_id = self.boot_id.clone();
         self.update_record(id, |record| record.boot_id = Some(boot_id))?;
         self.set_phase(id, Phase::Rebooting)?;
@@ -352,8 +411,12 @@ impl Agent {
         if method == RebootMethod::None {
             return self.confirm(id);
         }
+        let kexec = match kexec_into {
+            Some(image) => self.load_kexec(id, image).await,
+            None => false,
+        };
         crate::service::notify_status("rebooting into the new image");
-        let rebooted = tokio::task::spawn_blocking(move || reboot::reboot(method))
+        let rebooted = tokio::task::spawn_blocking(move || reboot::reboot(method, kexec))
             .await
             .map_err(|e| crate::Error::io("rebooting", std::io::Error::other(e)))?;
         let handoff = self.lock().operations.get(id).is_some_and(|r| r.handoff);

@@ -1,4 +1,7 @@
-//! Rebooting into the new image once it is written and verified.
+//! Rebooting into the new image once it is written and verified: through
+//! the firmware, or straight into the new image's kernel ([`kexec`]).
+
+pub mod kexec;
 
 use crate::{Error, Result};
 use std::process::Command;
@@ -14,31 +17,51 @@ pub enum RebootMethod {
     Systemd,
     /// `sync` then `reboot(2)` at once: for a node with no init to ask.
     Syscall,
+    /// As `systemd`, but into the new image's kernel without the firmware
+    /// (`systemctl kexec`), when its manifest names one (`boot.kexec`) and
+    /// it loads; else a firmware reboot.
+    Kexec,
 }
 
-/// Reboots the node by `method`. Returns only for `None` or on failure.
-pub fn reboot(method: RebootMethod) -> Result<()> {
+impl RebootMethod {
+    /// Whether systemd takes the node down (the in-place handoff needs it).
+    pub fn through_systemd(self) -> bool {
+        matches!(self, RebootMethod::Systemd | RebootMethod::Kexec)
+    }
+}
+
+/// Reboots the node by `method`; into the kernel loaded for kexec when
+/// `kexec` (see [`kexec::load`]). Returns only for `None` or on failure.
+pub fn reboot(method: RebootMethod, kexec: bool) -> Result<()> {
     match method {
         RebootMethod::None => Ok(()),
-        RebootMethod::Systemd => {
-            tracing::info!("rebooting through systemd");
+        RebootMethod::Systemd | RebootMethod::Kexec => {
+            let verb = if kexec { "kexec" } else { "reboot" };
+            tracing::info!("{verb} through systemd");
+            let context = format!("running systemctl {verb}");
             let status = Command::new("systemctl")
-                .arg("reboot")
+                .arg(verb)
                 .status()
-                .map_err(|e| Error::io("running systemctl reboot", e))?;
+                .map_err(|e| Error::io(&context, e))?;
             if status.success() {
                 Ok(())
             } else {
                 Err(Error::io(
-                    "running systemctl reboot",
+                    context,
                     std::io::Error::other(format!("systemctl exited with {status}")),
                 ))
             }
         }
         RebootMethod::Syscall => {
-            tracing::info!("rebooting with reboot(2)");
+            use nix::sys::reboot::RebootMode;
+            let mode = if kexec {
+                RebootMode::RB_KEXEC
+            } else {
+                RebootMode::RB_AUTOBOOT
+            };
+            tracing::info!(?mode, "rebooting with reboot(2)");
             nix::unistd::sync();
-            nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT)
+            nix::sys::reboot::reboot(mode)
                 .map(|_| ())
                 .map_err(|e| Error::io("calling reboot(2)", e.into()))
         }

@@ -34,6 +34,7 @@ fn operation(status: OperationStatus) -> Operation {
         ended_at: None,
         duration_seconds: None,
         boot_entry: None,
+        reboot: None,
     }
 }
 

@@ -61,6 +61,12 @@ pub struct WriteArgs {
 }
 
 pub fn run(args: WriteArgs) -> anyhow::Result<()> {
+    if args.reboot == RebootMethod::Kexec {
+        return Err(reimage_agent::Error::InvalidArgument(
+            "--reboot kexec is the daemon's (it loads the kernel the image's manifest names); use systemd or syscall here".into(),
+        )
+        .into());
+    }
     let http = HttpOptions {
         retries: args.retries,
         stall_timeout: Duration::from_secs(args.stall_timeout),
@@ -122,7 +128,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
             blocks.downloaded, blocks.written, blocks.unchanged
         );
     }
-    reboot::reboot(args.reboot).context("rebooting")?;
+    reboot::reboot(args.reboot, false).context("rebooting")?;
     Ok(())
 }
 

@@ -186,6 +186,10 @@ pub struct ReimageArgs {
     /// What happens to the tasks on the node.
     #[arg(long, value_enum, default_value_t = ReimageOption::Requeue)]
     option: ReimageOption,
+    /// Boot the new image's kernel directly (kexec, from its manifest's
+    /// `boot.kexec`) instead of through the firmware.
+    #[arg(long)]
+    kexec: bool,
     #[command(flatten)]
     image: ImageArgs,
     #[command(flatten)]
@@ -219,6 +223,9 @@ impl ReimageArgs {
             node_reimage_option: self.option.into(),
             image: self.image.spec(),
             manifest_url: self.image.manifest,
+            reboot: self
+                .kexec
+                .then_some(reimage_protocol::api::RebootKind::Kexec),
         };
         roll_out(
             fleet,
