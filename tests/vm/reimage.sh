@@ -24,6 +24,9 @@
 #      image's kernel, initramfs and command line: the firmware is skipped
 #      (the operation says kexec), the new command line is in /proc/cmdline,
 #      saved.txt intact.
+#   5. new → old asking for kexec with a manifest whose kernel hash is
+#      wrong: the kernel is not loaded, the node reboots through the
+#      firmware (the operation says why), the old image boots by its entry.
 #
 # Prints each phase's time at the end, and the time from the operation's
 # `rebooting` to the agent answering again for the firmware reboot of 1
@@ -93,6 +96,14 @@ done
         '. + {boot: {kexec: {kernel: {url: "vmlinuz", sha256: $k}, initrd: {url: "initrd.img", sha256: $i}, cmdline: $c}}}' \
         "$work/new/os.img.zst.manifest.json" >"$serve/kexec/os.img.zst.manifest.json"
 )
+# The old image, its manifest naming a kernel by a hash it does not have.
+mkdir -p "$serve/kexec-bad"
+for file in os.img.zst os.img.zst.index.json vmlinuz initrd.img; do
+    ln -s "$work/old/$file" "$serve/kexec-bad/$file"
+done
+jq --arg z "$(printf '0%.0s' $(seq 64))" \
+    '. + {boot: {kexec: {kernel: {url: "vmlinuz", sha256: $z}, cmdline: "console=ttyS0"}}}' \
+    "$work/old/os.img.zst.manifest.json" >"$serve/kexec-bad/os.img.zst.manifest.json"
 # One byte in the middle of block 0's frame inverted (the block every write
 # through the index fetches): it decodes to another block or not at all;
 # either way the checks must stop it. (Inverted, not set: a byte set to a
@@ -318,6 +329,21 @@ grep -q 'kexec_core: Starting new kernel' <<<"$console" || fail "the kernel did 
 saved_ok kexec
 echo "to the agent answering again: firmware reboot ${firmware_seconds}s from rebooting, ${firmware_down}s from going down (case 1); kexec ${kexec_seconds}s from rebooting (it fetches and loads the kernel first), ${kexec_down}s from going down. Both include the shutdown handoff's write; OVMF's POST under TCG takes seconds, a real server's minutes."
 phase_done "reimage old → new (kexec)"
+
+echo "== 5. new → old, kexec asked for with a kernel of the wrong hash: the firmware reboots"
+serial_before=$(wc -l <"$run/serial.log")
+op=$(reimage kexec-bad requeue kexec)
+result=$(wait_op "$op")
+echo "operation: $(jq -c '{status, phase, error, reboot}' <<<"$result")"
+[ "$(jq -r .status <<<"$result")" = Succeeded ] || fail "the reimage with a refused kernel did not succeed: $result"
+[ "$(jq -r .reboot.method <<<"$result")" = firmware ] || fail "the refused kernel was not a firmware reboot: $result"
+jq -r .reboot.fallback <<<"$result" | grep -q 'checksum mismatch' || fail "the fallback does not say why: $result"
+console=$(tail -n +"$serial_before" "$run/serial.log" | tr -d '\r')
+grep -q 'BdsDxe: starting' <<<"$console" || fail "the firmware did not boot after the refused kexec"
+[ "$(booted_tag fallback)" = "$(tag_of old)" ] || fail "the old image's boot loader did not boot it"
+boot_entry_ok old "$result" >/dev/null
+saved_ok fallback
+phase_done "kexec refused: firmware reboot"
 
 vm_stop "$vm_pid"
 vm_pid=""

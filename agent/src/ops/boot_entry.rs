@@ -81,7 +81,13 @@ impl Agent {
     /// The new system confirmed the operation: its entry goes first in
     /// `BootOrder`, the old image's entries go.
     pub(super) fn settle_boot_entries(&self, id: &str) -> crate::Result<()> {
-        let Some((vars, mut report, number, before)) = self.boot_entry_of(id) else {
+        let Some(WrittenEntry {
+            vars,
+            mut report,
+            number,
+            before,
+        }) = self.boot_entry_of(id)
+        else {
             return Ok(());
         };
         // After a kexec the firmware's BootCurrent is the boot before it.
@@ -115,7 +121,13 @@ impl Agent {
     /// the disk (the handoff never wrote it) would dangle; it is removed,
     /// with a `BootNext` naming it.
     pub(super) fn withdraw_boot_entry(&self, id: &str) {
-        let Some((vars, mut report, number, _)) = self.boot_entry_of(id) else {
+        let Some(WrittenEntry {
+            vars,
+            mut report,
+            number,
+            ..
+        }) = self.boot_entry_of(id)
+        else {
             return;
         };
         let on_disk = BootLayout::of_disk(&self.config.disk.target).guids;
@@ -144,9 +156,8 @@ impl Agent {
         }
     }
 
-    /// The firmware, the operation's boot entry report, the entry's number
-    /// and the partitions before the write; `None` when it wrote none.
-    fn boot_entry_of(&self, id: &str) -> Option<(EfiVars, BootEntryReport, u16, Vec<[u8; 16]>)> {
+    /// The entry operation `id` wrote; `None` when it wrote none.
+    fn boot_entry_of(&self, id: &str) -> Option<WrittenEntry> {
         let vars = self.efi_vars()?;
         let record = self.lock().operations.get(id).cloned()?;
         let report = record.operation.boot_entry?;
@@ -155,7 +166,12 @@ impl Agent {
             .as_deref()
             .and_then(|name| name.strip_prefix("Boot"))
             .and_then(|hex| u16::from_str_radix(hex, 16).ok())?;
-        Some((vars, report, number, record.partitions_before))
+        Some(WrittenEntry {
+            vars,
+            report,
+            number,
+            before: record.partitions_before,
+        })
     }
 
     fn record_boot_entry(&self, id: &str, report: BootEntryReport) -> crate::Result<()> {
@@ -164,6 +180,15 @@ impl Agent {
         }
         self.update(id, |op| op.boot_entry = Some(report))
     }
+}
+
+/// A boot entry an operation wrote, and what it needs to settle it.
+struct WrittenEntry {
+    vars: EfiVars,
+    report: BootEntryReport,
+    number: u16,
+    /// The target's partition GUIDs before the write.
+    before: Vec<[u8; 16]>,
 }
 
 fn failed(message: String) -> OperationError {
