@@ -11,6 +11,7 @@ use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
 use reimage_e2e::pki::{client, require_client_certificates, server_pki};
+use reimage_e2e::skip;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs;
@@ -37,10 +38,6 @@ fn repo() -> PathBuf {
 
 fn collection() -> PathBuf {
     repo().join("ansible/collections/ansible_collections/reimage/agent")
-}
-
-fn skip(test: &str, reason: &str) {
-    eprintln!("skipping {test}: {reason}");
 }
 
 /// The venv with ansible-core (made by `ansible/venv.sh` if it is not

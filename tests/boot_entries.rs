@@ -10,6 +10,7 @@ use reimage_e2e::images::{
     write_table, zstd,
 };
 use reimage_e2e::loopdev::LoopDevice;
+use reimage_e2e::skip;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,10 +98,10 @@ impl UefiNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("disk.img");
         let storage_sha = target_disk(&file, 64, 16, 41);
-        let device = match LoopDevice::attach(&file) {
+        let device = match LoopDevice::attach(&file, true) {
             Ok(device) => device,
             Err(why) => {
-                eprintln!("skipping {test}: {why}");
+                skip(test, &why);
                 return None;
             }
         };
@@ -175,7 +176,10 @@ impl UefiNode {
             Ok(out) if out.status.success() => Some(String::from_utf8_lossy(&out.stdout).into()),
             Ok(out) => panic!("efibootmgr -v: {}", String::from_utf8_lossy(&out.stderr)),
             Err(e) => {
-                eprintln!("skipping the efibootmgr check: cannot run efibootmgr: {e}");
+                skip(
+                    "the efibootmgr check",
+                    &format!("cannot run efibootmgr: {e}"),
+                );
                 None
             }
         }

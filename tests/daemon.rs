@@ -5,6 +5,7 @@
 use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::skip;
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -748,7 +749,10 @@ fn promtool_check(text: &str) -> Option<String> {
         .stderr(Stdio::piped())
         .spawn()
     else {
-        eprintln!("skipping the promtool check: promtool is not installed (Debian: prometheus)");
+        skip(
+            "the promtool check",
+            "promtool is not installed (Debian: prometheus)",
+        );
         return None;
     };
     child

@@ -8,6 +8,7 @@ use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{MIB, labels, partition_sha256, read_range, target_disk, write_os_table};
+use reimage_e2e::skip;
 use serde_json::json;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ impl Lab {
         let (v1, v2) = match v1_and_v2(dir.path()) {
             Ok(images) => images,
             Err(why) => {
-                eprintln!("skipping {test}: {why}");
+                skip(test, &why);
                 return None;
             }
         };

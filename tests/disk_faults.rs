@@ -9,6 +9,7 @@ use reimage_e2e::faulty_disk::{Faults, FaultyDisk};
 use reimage_e2e::images::{
     Copy, MIB, os_image, read_range, sha256, table_copy_labels, target_disk, zstd,
 };
+use reimage_e2e::skip;
 use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ impl Lab {
         let disk = match FaultyDisk::over(&backing) {
             Ok(disk) => disk,
             Err(why) => {
-                eprintln!("skipping {test}: {why}");
+                skip(test, &why);
                 return None;
             }
         };

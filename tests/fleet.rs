@@ -10,6 +10,7 @@ use reimage_e2e::ctl::{ServedImage, json, reimagectl, time, token_file};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::Fault;
 use reimage_e2e::images::{MIB, partition_sha256, target_disk};
+use reimage_e2e::skip;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -378,7 +379,10 @@ fn screen_lines(raw: &str) -> Vec<String> {
 #[test]
 fn the_terminal_output_fits_80_columns_and_ends_with_the_failures_by_code() {
     if Command::new("script").arg("--version").output().is_err() {
-        return println!("skipping: no script(1) (util-linux)");
+        return skip(
+            "the_terminal_output_fits_80_columns_and_ends_with_the_failures_by_code",
+            "no script(1) (util-linux)",
+        );
     }
     let fleet = Fleet::start(12);
     let image = ServedImage::serve(Fault::SlowBytesPerSec(4 * MIB));

@@ -8,16 +8,13 @@
 
 use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::images::{MIB, labels, os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::skip;
 use serde_json::{Value, json};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const OPERATION: &str = "op-handoff";
-
-fn skip(test: &str, reason: &str) {
-    eprintln!("skipping {test}: {reason}");
-}
 
 /// Why this machine cannot chroot and mount, or `None`.
 fn cannot_chroot() -> Option<String> {

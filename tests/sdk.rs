@@ -12,6 +12,7 @@ use reimage_e2e::daemon::{ADMIN, Daemon, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
 use reimage_e2e::pki::{Pki, add_to_api_table, client, server_pki, tls_lines};
+use reimage_e2e::skip;
 use serde_json::Value;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -218,7 +219,12 @@ fn ended_at(op: &Value) -> f64 {
 fn azure_batch_15_drives_every_node_call_and_its_poller_waits_for_the_reimage() {
     let venv = match venv("batch15") {
         Ok(venv) => venv,
-        Err(reason) => return println!("skipping: {reason}"),
+        Err(reason) => {
+            return skip(
+                "azure_batch_15_drives_every_node_call_and_its_poller_waits_for_the_reimage",
+                &reason,
+            );
+        }
     };
     let node = node();
     let cases = node.run(&venv, "batch15.py", &node.daemon.url);
@@ -254,7 +260,12 @@ fn azure_batch_15_drives_every_node_call_and_its_poller_waits_for_the_reimage() 
 fn azure_batch_14_drives_every_compute_node_call_with_the_batch_headers() {
     let venv = match venv("batch14") {
         Ok(venv) => venv,
-        Err(reason) => return println!("skipping: {reason}"),
+        Err(reason) => {
+            return skip(
+                "azure_batch_14_drives_every_compute_node_call_with_the_batch_headers",
+                &reason,
+            );
+        }
     };
     let node = node();
     let cases = node.run(&venv, "batch14.py", &node.daemon.url);
@@ -284,7 +295,12 @@ fn azure_batch_14_drives_every_compute_node_call_with_the_batch_headers() {
 fn azure_servicemanagement_reimages_the_role_instance_and_follows_its_operation() {
     let venv = match venv("servicemanagement") {
         Ok(venv) => venv,
-        Err(reason) => return println!("skipping: {reason}"),
+        Err(reason) => {
+            return skip(
+                "azure_servicemanagement_reimages_the_role_instance_and_follows_its_operation",
+                &reason,
+            );
+        }
     };
     let node = node();
     let cases = node.run(&venv, "servicemanagement.py", &node.daemon.url);
@@ -347,7 +363,12 @@ algorithms = []
 fn schemathesis_finds_nothing_with_an_admin_or_a_reader_token() {
     let venv = match venv("schemathesis") {
         Ok(venv) => venv,
-        Err(reason) => return println!("skipping: {reason}"),
+        Err(reason) => {
+            return skip(
+                "schemathesis_finds_nothing_with_an_admin_or_a_reader_token",
+                &reason,
+            );
+        }
     };
     let node = node();
     let ca = node.ca_path();

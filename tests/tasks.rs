@@ -6,6 +6,7 @@
 use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{os_image, sha256, target_disk, zstd};
+use reimage_e2e::{is_root, skip};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -114,19 +115,8 @@ impl Drop for Node {
     }
 }
 
-fn skip(test: &str, reason: &str) {
-    eprintln!("skipping {test}: {reason}");
-}
-
 fn not_root() -> Option<String> {
     (!is_root()).then(|| "running tasks as other users needs root".to_owned())
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    })
 }
 
 /// A marker no other test (or earlier run) uses.

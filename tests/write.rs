@@ -7,6 +7,7 @@ use reimage_e2e::images::{
     zstd,
 };
 use reimage_e2e::loopdev::LoopDevice;
+use reimage_e2e::skip;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -55,13 +56,13 @@ impl Lab {
         let storage_sha = target_disk(&file, DISK_MIB, STORAGE_MIB, 11);
         let (device, target) = match kind {
             On::File => (None, file),
-            On::LoopDevice => match LoopDevice::attach(&file) {
+            On::LoopDevice => match LoopDevice::attach(&file, true) {
                 Ok(device) => {
                     let path = device.path.clone();
                     (Some(device), path)
                 }
                 Err(why) => {
-                    eprintln!("skipping {test} on a loop device: {why}");
+                    skip(&format!("{test} on a loop device"), &why);
                     return None;
                 }
             },
@@ -378,11 +379,10 @@ fn inspect_shows_format_hash_and_partitions() {
 #[test]
 fn on_a_loop_device_the_kernel_sees_the_new_partitions() {
     let lab = Lab::new();
-    let device = match LoopDevice::attach(&lab.target) {
+    let device = match LoopDevice::attach(&lab.target, true) {
         Ok(device) => device,
         Err(why) => {
-            eprintln!("skipping on_a_loop_device_the_kernel_sees_the_new_partitions: {why}");
-            return;
+            return skip("on_a_loop_device_the_kernel_sees_the_new_partitions", &why);
         }
     };
     let raw = os_image(24, 2, 12);
@@ -411,13 +411,13 @@ fn on_a_loop_device_the_kernel_sees_the_new_partitions() {
 fn a_loop_device_with_a_mounted_partition_is_busy_and_untouched() {
     let lab = Lab::new();
     // A real filesystem in local-storage so it can be mounted.
-    let device = match LoopDevice::attach(&lab.target) {
+    let device = match LoopDevice::attach(&lab.target, true) {
         Ok(device) => device,
         Err(why) => {
-            eprintln!(
-                "skipping a_loop_device_with_a_mounted_partition_is_busy_and_untouched: {why}"
+            return skip(
+                "a_loop_device_with_a_mounted_partition_is_busy_and_untouched",
+                &why,
             );
-            return;
         }
     };
     device.sync_partitions().expect("partx reads the table");
@@ -432,10 +432,10 @@ fn a_loop_device_with_a_mounted_partition_is_busy_and_untouched() {
         .arg(&part)
         .arg(&mountpoint));
     if !mount.status.success() {
-        eprintln!(
-            "skipping a_loop_device_with_a_mounted_partition_is_busy_and_untouched: mount failed"
+        return skip(
+            "a_loop_device_with_a_mounted_partition_is_busy_and_untouched",
+            "mount failed",
         );
-        return;
     }
     struct Unmount(PathBuf);
     impl Drop for Unmount {
@@ -757,7 +757,7 @@ impl SmallFs {
             .stderr(std::process::Stdio::null())
             .status();
         if !status.is_ok_and(|s| s.success()) {
-            eprintln!("skipping {test}: cannot mount a tmpfs (needs root)");
+            skip(test, "cannot mount a tmpfs (needs root)");
             return None;
         }
         Some(SmallFs { dir })

@@ -7,7 +7,7 @@
 //! device's `queue/max_sectors_kb` is clamped to 128: then every request the
 //! file system fails reaches the writer as EIO.
 
-use crate::loopdev::is_root;
+use crate::is_root;
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,

@@ -1,73 +1,86 @@
-//! Loop devices for tests that need a real block device (root only).
+//! Loop devices over files: real block devices for tests (root only).
 
+use crate::{require_root, run};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// A loop device over a file, detached on drop (also on panic).
+/// A loop device attached for the duration of a test, detached on drop
+/// (also when the test panics).
+#[derive(Debug)]
 pub struct LoopDevice {
     pub path: PathBuf,
 }
 
 impl LoopDevice {
-    /// Attaches `file` with partition scanning, or says why it cannot.
-    pub fn attach(file: &Path) -> Result<LoopDevice, String> {
-        if !is_root() {
-            return Err("not running as root".into());
+    /// Attaches `backing` to a free loop device, with partition scanning
+    /// when `partscan`; `Err` says why this machine cannot.
+    pub fn attach(backing: &Path, partscan: bool) -> Result<LoopDevice, String> {
+        require_root("a loop device")?;
+        let backing = backing.to_str().ok_or("the backing path is not UTF-8")?;
+        let mut args = vec!["--find", "--show"];
+        if partscan {
+            args.push("--partscan");
         }
-        let output = Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(file)
-            .output()
-            .map_err(|e| format!("losetup cannot run: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        Ok(LoopDevice { path })
+        args.push(backing);
+        let path = run("losetup", &args)?;
+        Ok(LoopDevice {
+            path: PathBuf::from(path.trim()),
+        })
     }
 
-    /// `/dev/loopNpK`.
-    pub fn partition(&self, index: u32) -> PathBuf {
-        PathBuf::from(format!("{}p{index}", self.path.display()))
+    /// The kernel name, `loop3`.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// Makes the partition devices match the table on the device, read by
-    /// `partx` in userspace: some kernels are built without a GPT reader,
-    /// so `BLKRRPART` alone may find nothing.
+    /// `partx` in userspace: kernels built without partition parsers (no
+    /// CONFIG_EFI_PARTITION) find none by themselves, and `BLKRRPART`
+    /// succeeds without creating any.
     pub fn sync_partitions(&self) -> Result<(), String> {
-        let output = Command::new("partx")
-            .arg("--update")
-            .arg(&self.path)
-            .output()
-            .map_err(|e| format!("partx cannot run: {e}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "partx --update failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
+        run("partx", &["--update", &self.path.to_string_lossy()]).map(drop)
+    }
+
+    /// The node of partition `number`, `/dev/loop3p1`.
+    pub fn partition(&self, number: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{number}", self.path.display()))
     }
 }
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        let path = self.path.to_string_lossy();
+        if let Err(e) = run("losetup", &["--detach", &path]) {
+            eprintln!("warning: {e}");
+        }
     }
 }
 
-/// Whether this process runs as root (uid 0).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+/// A sparse file of `size` bytes in `dir`, partitioned by sgdisk into
+/// 16 MiB partitions 1 and 2 when `partitions`.
+pub fn disk_image(dir: &Path, size: u64, partitions: bool) -> Result<PathBuf, String> {
+    let path = dir.join("disk.img");
+    let file = std::fs::File::create(&path).map_err(|e| format!("creating image: {e}"))?;
+    file.set_len(size)
+        .map_err(|e| format!("sizing image: {e}"))?;
+    if partitions {
+        let image = path.to_str().ok_or("the image path is not UTF-8")?;
+        run("sgdisk", &["-n", "1:2048:+16M", "-n", "2:0:+16M", image])?;
+    }
+    Ok(path)
+}
+
+/// A 64 MiB disk image in `dir` with partitions 1 and 2, attached with
+/// its partitions, and an ext4 made on partition `ext4_on`.
+pub fn loop_disk_with_ext4(dir: &Path, ext4_on: u32) -> Result<LoopDevice, String> {
+    let image = disk_image(dir, 64 << 20, true)?;
+    let disk = LoopDevice::attach(&image, true)?;
+    disk.sync_partitions()?;
+    run(
+        "mkfs.ext4",
+        &["-q", &disk.partition(ext4_on).to_string_lossy()],
+    )?;
+    Ok(disk)
 }

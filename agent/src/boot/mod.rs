@@ -256,7 +256,7 @@ mod tests {
     /// reads the `BootNext` and `BootOrder` it writes.
     #[test]
     fn efibootmgr_and_the_agent_read_each_other() {
-        use crate::disk::device::test_support::{run, skip};
+        use reimage_e2e::{run, skip};
         let test = "efibootmgr_and_the_agent_read_each_other";
         if let Err(reason) = run("efibootmgr", &["--version"]) {
             return skip(test, &reason);

@@ -372,8 +372,10 @@ fn file_name(path: &Path) -> io::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::test_support::*;
     use super::*;
+    use reimage_e2e::loopdev::{LoopDevice, disk_image, loop_disk_with_ext4};
+    use reimage_e2e::mount::Mounted;
+    use reimage_e2e::{TestResult, run, skip};
 
     const MOUNTINFO: &str = "\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -573,7 +575,7 @@ garbage line
         let dir = tempfile::tempdir()?;
         let attached = disk_image(dir.path(), 64 << 20, true).and_then(|image| {
             let disk = LoopDevice::attach(&image, true)?;
-            disk.add_partitions()?;
+            disk.sync_partitions()?;
             let first = disk.partition(1);
             let first = first.to_str().ok_or("partition path is not UTF-8")?;
             run("mkfs.ext4", &["-q", first])?;

@@ -766,175 +766,12 @@ fn ensure_read(complete: bool, reached: u64, wanted: u64) -> io::Result<()> {
     }
 }
 
-/// Loop devices and mounts for tests that need the real kernel; they skip
-/// with a printed reason where they cannot run (not root, no losetup).
-#[cfg(test)]
-pub(crate) mod test_support {
-    use std::os::unix::fs::MetadataExt;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    /// What tests return, so they can use `?`.
-    pub type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-    /// Says why a test did not run; a test that skips must never look passed.
-    pub fn skip(test: &str, reason: &str) {
-        eprintln!("skipping {test}: {reason}");
-    }
-
-    fn is_root() -> bool {
-        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-    }
-
-    /// Runs a command, returning its stdout or why it failed.
-    pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
-        let output = Command::new(program)
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run {program}: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "{program} {} failed ({}): {}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-
-    /// A loop device attached for the duration of a test, detached on drop
-    /// (also when the test panics).
-    #[derive(Debug)]
-    pub struct LoopDevice {
-        pub path: PathBuf,
-    }
-
-    impl LoopDevice {
-        /// Attaches `backing` to a free loop device, with partition scanning
-        /// when `partscan`; `Err` says why this machine cannot.
-        pub fn attach(backing: &Path, partscan: bool) -> Result<LoopDevice, String> {
-            if !is_root() {
-                return Err("loop devices need root".into());
-            }
-            let backing = backing.to_str().ok_or("backing path is not UTF-8")?;
-            let mut args = vec!["--find", "--show"];
-            if partscan {
-                args.push("--partscan");
-            }
-            args.push(backing);
-            let path = run("losetup", &args)?;
-            Ok(LoopDevice {
-                path: PathBuf::from(path.trim()),
-            })
-        }
-
-        /// The kernel name, `loop3`.
-        pub fn name(&self) -> String {
-            self.path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        }
-
-        /// Tells the kernel about the partitions in the image (BLKPG via
-        /// partx): kernels built without partition parsers (no
-        /// CONFIG_EFI_PARTITION) find none by themselves.
-        pub fn add_partitions(&self) -> Result<(), String> {
-            run("partx", &["--update", &self.path.to_string_lossy()]).map(drop)
-        }
-
-        /// The node of partition `number`, `/dev/loop3p1`.
-        pub fn partition(&self, number: u32) -> PathBuf {
-            PathBuf::from(format!("{}p{number}", self.path.display()))
-        }
-    }
-
-    impl Drop for LoopDevice {
-        fn drop(&mut self) {
-            let path = self.path.to_string_lossy();
-            if let Err(e) = run("losetup", &["--detach", &path]) {
-                eprintln!("warning: {e}");
-            }
-        }
-    }
-
-    /// A filesystem mounted on a temporary directory, unmounted on drop.
-    #[derive(Debug)]
-    pub struct Mounted {
-        pub dir: tempfile::TempDir,
-    }
-
-    impl Mounted {
-        /// `mount [-t fstype] source <tempdir>`; `Err` says why it cannot.
-        pub fn new(source: &str, fstype: Option<&str>) -> Result<Mounted, String> {
-            if !is_root() {
-                return Err("mounting needs root".into());
-            }
-            let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-            let target = dir.path().to_str().ok_or("tempdir path is not UTF-8")?;
-            let mut args = Vec::new();
-            if let Some(fstype) = fstype {
-                args.extend(["-t", fstype]);
-            }
-            args.extend([source, target]);
-            run("mount", &args)?;
-            Ok(Mounted { dir })
-        }
-
-        pub fn path(&self) -> &Path {
-            self.dir.path()
-        }
-    }
-
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            let path = self.dir.path().to_string_lossy();
-            if let Err(e) = run("umount", &[&path]) {
-                eprintln!("warning: {e}");
-            }
-        }
-    }
-
-    /// `len` random bytes.
-    pub fn random_bytes(len: usize) -> Vec<u8> {
-        let mut bytes = vec![0u8; len];
-        fastrand::fill(&mut bytes);
-        bytes
-    }
-
-    /// A 64 MiB disk image in `dir` with partitions 1 and 2, attached with
-    /// its partitions, and an ext4 made on partition `ext4_on`.
-    pub fn loop_disk_with_ext4(dir: &Path, ext4_on: u32) -> Result<LoopDevice, String> {
-        let image = disk_image(dir, 64 << 20, true)?;
-        let disk = LoopDevice::attach(&image, true)?;
-        disk.add_partitions()?;
-        run(
-            "mkfs.ext4",
-            &["-q", &disk.partition(ext4_on).to_string_lossy()],
-        )?;
-        Ok(disk)
-    }
-
-    /// A sparse file of `size` bytes in `dir`, partitioned by sgdisk into
-    /// 16 MiB partitions 1 and 2 when `partitions`.
-    pub fn disk_image(dir: &Path, size: u64, partitions: bool) -> Result<PathBuf, String> {
-        let path = dir.join("disk.img");
-        let file = std::fs::File::create(&path).map_err(|e| format!("creating image: {e}"))?;
-        file.set_len(size)
-            .map_err(|e| format!("sizing image: {e}"))?;
-        if partitions {
-            let image = path.to_str().ok_or("image path is not UTF-8")?;
-            run("sgdisk", &["-n", "1:2048:+16M", "-n", "2:0:+16M", image])?;
-        }
-        Ok(path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_support::*;
     use super::*;
+    use reimage_e2e::loopdev::{LoopDevice, disk_image};
+    use reimage_e2e::mount::Mounted;
+    use reimage_e2e::{TestResult, random_bytes, run, skip};
     use std::os::unix::fs::MetadataExt;
 
     const MIB: u64 = 1 << 20;
@@ -1442,7 +1279,7 @@ mod tests {
         ) else {
             return Ok(());
         };
-        if let Err(reason) = disk.add_partitions() {
+        if let Err(reason) = disk.sync_partitions() {
             skip("reread_reports_busy_while_a_partition_stays_open", &reason);
             return Ok(());
         }

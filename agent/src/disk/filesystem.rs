@@ -132,8 +132,10 @@ pub fn block_device_number(path: &Path) -> Result<Option<DevNum>> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::test_support::*;
     use super::*;
+    use reimage_e2e::loopdev::loop_disk_with_ext4;
+    use reimage_e2e::mount::Mounted;
+    use reimage_e2e::{TestResult, skip};
 
     fn mount(dev: &str, root: &str, at: &str) -> MountEntry {
         MountEntry {

@@ -302,11 +302,11 @@ mod tests {
 
     #[test]
     fn a_symlinked_working_dir_is_replaced_not_followed() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!(
-                "skipping a_symlinked_working_dir_is_replaced_not_followed: chown needs root"
+        if !reimage_e2e::is_root() {
+            return reimage_e2e::skip(
+                "a_symlinked_working_dir_is_replaced_not_followed",
+                "chown needs root",
             );
-            return;
         }
         let top = tempfile::tempdir().expect("tempdir");
         let precious = top.path().join("precious");

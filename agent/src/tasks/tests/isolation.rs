@@ -58,17 +58,20 @@ fn has_cgroups(m: &TaskManager, test: &str) -> bool {
     if m.isolation() == TaskIsolation::Cgroup {
         return true;
     }
-    eprintln!("skipping {test}: no writable cgroup v2 here (tasks fall back to process groups)");
+    reimage_e2e::skip(
+        test,
+        "no writable cgroup v2 here (tasks fall back to process groups)",
+    );
     false
 }
 
 /// True when the tests run as root (switching users needs it); else
 /// prints why the test cannot run.
 fn is_root(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
+    if reimage_e2e::is_root() {
         return true;
     }
-    eprintln!("skipping {test}: running tasks as other users needs root");
+    reimage_e2e::skip(test, "running tasks as other users needs root");
     false
 }
 
