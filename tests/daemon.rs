@@ -2,7 +2,7 @@
 //! tasks, a real HTTP image server, a real disk file; the saved partition's
 //! SHA-256 is checked after every reimage.
 
-use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
+use reimage_e2e::daemon::{ADMIN, Daemon, NodeSetup, OPERATOR, READER, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use reimage_e2e::skip;
@@ -29,21 +29,14 @@ fn node() -> Node {
 /// An agent with a `disk_mib` MiB disk (16 MiB local-storage at its end)
 /// and the image `raw` served from 127.0.0.1.
 fn node_with(disk_mib: u64, raw: Vec<u8>) -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk.img");
-    let storage_sha = target_disk(&disk, disk_mib, 16, 41);
-    let server = FaultServer::start(
-        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
-        Fault::None,
-    );
-    let daemon = Daemon::start(&write_config(dir.path(), ""));
+    let setup = NodeSetup::new(disk_mib, 41, &raw);
     Node {
-        daemon,
-        server,
-        image_sha: sha256(&raw),
-        disk,
-        storage_sha,
-        _dir: dir,
+        daemon: Daemon::start(&setup.config("")),
+        server: setup.server,
+        image_sha: setup.image_sha,
+        disk: setup.disk,
+        storage_sha: setup.storage_sha,
+        _dir: setup.dir,
     }
 }
 

@@ -7,7 +7,9 @@
 use reimage_e2e::bin::{agent, run, stderr};
 use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{MIB, labels, partition_sha256, read_range, target_disk, write_os_table};
+use reimage_e2e::images::{
+    MIB, assert_saved_only, labels, partition_sha256, read_range, target_disk, write_os_table,
+};
 use reimage_e2e::skip;
 use serde_json::json;
 use std::fs;
@@ -133,10 +135,10 @@ impl Lab {
         assert_eq!(sha, self.storage_sha, "local-storage bytes changed");
     }
 
-    /// After a failure: the saved partition and nothing else in the table.
+    /// After a failure: the saved partition and nothing else in either
+    /// table copy.
     fn assert_saved_only(&self) {
-        assert_eq!(labels(&self.target), ["local-storage"]);
-        self.assert_storage_intact();
+        assert_saved_only(&self.target, &self.storage_sha);
     }
 }
 

@@ -8,9 +8,9 @@
 //! The venvs come from `tests/sdk/venv.sh` (pinned, cached by `.ci/run`);
 //! without python3 and its venv module the tests say `skipping: <reason>`.
 
-use reimage_e2e::daemon::{ADMIN, Daemon, READER, write_config};
-use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::daemon::{ADMIN, Daemon, NodeSetup, READER};
+use reimage_e2e::http_server::FaultServer;
+use reimage_e2e::images::{os_image, partition_sha256};
 use reimage_e2e::pki::{Pki, add_to_api_table, client, server_pki, tls_lines};
 use reimage_e2e::skip;
 use serde_json::Value;
@@ -18,7 +18,6 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The folder of the scripts and their requirements.
@@ -66,20 +65,9 @@ struct Node {
 }
 
 fn node() -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage_sha = target_disk(&dir.path().join("disk.img"), 64, 16, 91);
-    let raw = os_image(16, 1, 92);
-    let server = FaultServer::start(
-        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
-        Fault::None,
-    );
-    let image_sha = sha256(&raw);
-    let extra = format!(
-        "\n[image]\nurl = \"{}\"\nsha256 = \"{image_sha}\"\n",
-        server.url("/os.img.zst")
-    );
-    let pki = server_pki(dir.path());
-    let config = write_config(dir.path(), &extra);
+    let setup = NodeSetup::new(64, 91, &os_image(16, 1, 92));
+    let pki = server_pki(setup.dir.path());
+    let config = setup.config(&setup.default_image());
     add_to_api_table(&config, &tls_lines(&pki));
     let daemon = Daemon::start_with(&config, "https", client(&pki.server_ca.pem(), None));
     let release_dir = tempfile::tempdir().expect("tempdir");
@@ -87,11 +75,11 @@ fn node() -> Node {
         .expect("chmod");
     Node {
         daemon,
-        _server: server,
+        _server: setup.server,
         pki,
-        image_sha,
-        storage_sha,
-        dir,
+        image_sha: setup.image_sha,
+        storage_sha: setup.storage_sha,
+        dir: setup.dir,
         release_dir,
     }
 }

@@ -3,14 +3,13 @@
 //! "Reimage Role Instance" followed by "Get Operation Status", against the
 //! real agent, a real image server and a real disk file.
 
-use reimage_e2e::daemon::{ADMIN, Daemon, READER, write_config};
-use reimage_e2e::http_server::{Fault, FaultServer};
-use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
+use reimage_e2e::daemon::{ADMIN, Daemon, NodeSetup, READER};
+use reimage_e2e::http_server::FaultServer;
+use reimage_e2e::images::{labels, os_image, partition_sha256};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BATCH_API_VERSION: &str = "2024-07-01.20.0";
@@ -34,31 +33,19 @@ struct Node {
 /// names a 16 MiB default image served from 127.0.0.1: the seed requests
 /// carry no image.
 fn node() -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk.img");
-    let storage_sha = target_disk(&disk, 64, 16, 51);
-    let raw = os_image(16, 1, 52);
-    let server = FaultServer::start(
-        vec![("/os.img.zst".into(), Arc::new(zstd(&raw)))],
-        Fault::None,
-    );
-    let image_sha = sha256(&raw);
-    let extra = format!(
-        "\n[image]\nurl = \"{}\"\nsha256 = \"{image_sha}\"\n",
-        server.url("/os.img.zst")
-    );
-    let daemon = Daemon::start(&write_config(dir.path(), &extra));
+    let setup = NodeSetup::new(64, 51, &os_image(16, 1, 52));
+    let daemon = Daemon::start(&setup.config(&setup.default_image()));
     Node {
         daemon,
-        server,
+        server: setup.server,
         client: reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client"),
-        image_sha,
-        disk,
-        storage_sha,
-        _dir: dir,
+        image_sha: setup.image_sha,
+        disk: setup.disk,
+        storage_sha: setup.storage_sha,
+        _dir: setup.dir,
     }
 }
 

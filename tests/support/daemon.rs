@@ -302,3 +302,56 @@ impl Drop for Daemon {
         self.kill9();
     }
 }
+
+/// What the daemon tests set up before starting an agent: a temporary
+/// directory with the target `disk.img` (random bytes, `old-root`, and
+/// 16 MiB of local-storage at its end) and an OS image served from
+/// 127.0.0.1 at `/os.img.zst`.
+pub struct NodeSetup {
+    pub dir: tempfile::TempDir,
+    pub disk: PathBuf,
+    /// SHA-256 of local-storage's bytes.
+    pub storage_sha: String,
+    pub server: crate::http_server::FaultServer,
+    /// SHA-256 of the raw image.
+    pub image_sha: String,
+}
+
+impl NodeSetup {
+    /// A `disk_mib` MiB disk filled from `seed` and the image `raw`.
+    pub fn new(disk_mib: u64, seed: u64, raw: &[u8]) -> NodeSetup {
+        use crate::http_server::{Fault, FaultServer};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk.img");
+        let storage_sha = crate::images::target_disk(&disk, disk_mib, 16, seed);
+        let server = FaultServer::start(
+            vec![(
+                "/os.img.zst".into(),
+                std::sync::Arc::new(crate::images::zstd(raw)),
+            )],
+            Fault::None,
+        );
+        NodeSetup {
+            dir,
+            disk,
+            storage_sha,
+            server,
+            image_sha: sha256(raw),
+        }
+    }
+
+    /// The `[image]` lines that make the served image the node's default
+    /// (the seed and Batch requests name none).
+    pub fn default_image(&self) -> String {
+        format!(
+            "\n[image]\nurl = \"{}\"\nsha256 = \"{}\"\n",
+            self.server.url("/os.img.zst"),
+            self.image_sha
+        )
+    }
+
+    /// The agent's config in the directory, with `extra` appended.
+    pub fn config(&self, extra: &str) -> PathBuf {
+        write_config(self.dir.path(), extra)
+    }
+}

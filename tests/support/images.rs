@@ -228,3 +228,19 @@ pub fn zstd(raw: &[u8]) -> Vec<u8> {
     encoder.write_all(raw).expect("compress");
     encoder.finish().expect("finish")
 }
+
+/// After a failure: each GPT copy on `disk` holds the saved partition and
+/// nothing else (no copy describes the image), and its bytes still hash to
+/// `storage_sha`.
+pub fn assert_saved_only(disk: &Path, storage_sha: &str) {
+    for copy in [Copy::Primary, Copy::Backup] {
+        assert_eq!(
+            table_copy_labels(disk, copy),
+            Some(vec!["local-storage".to_string()]),
+            "the {copy:?} table of {}",
+            disk.display()
+        );
+    }
+    let (sha, _) = partition_sha256(disk, "local-storage").expect("local-storage in the table");
+    assert_eq!(sha, storage_sha, "local-storage bytes changed");
+}
