@@ -6,7 +6,7 @@
 //! scripts report against the agent's own records and the disk.
 //!
 //! The venvs come from `tests/sdk/venv.sh` (pinned, cached by `.ci/run`);
-//! without python3 and its venv module the tests say `skipping: <reason>`.
+//! without python3 and its venv module the tests say `skipping <test>: <reason>`.
 
 use reimage_e2e::daemon::{ADMIN, Daemon, NodeSetup, READER};
 use reimage_e2e::http_server::FaultServer;
