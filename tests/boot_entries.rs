@@ -29,7 +29,7 @@ struct UefiNode {
     file: PathBuf,
     storage_sha: String,
     _device: LoopDevice,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// A `Boot####` value: active, `description`, and when `guid` is given
@@ -123,10 +123,16 @@ impl UefiNode {
         let extra = format!("efivars = \"{}\"\n", efivars.display());
         let config = write_config(dir.path(), &extra);
         let text = std::fs::read_to_string(&config).expect("config");
-        let text = text.replace(
-            &format!("target = \"{}\"", file.display()),
-            &format!("target = \"{}\"", device.path.display()),
-        );
+        // Staged copies in the test's directory, not in /run.
+        let text = text
+            .replace(
+                &format!("target = \"{}\"", file.display()),
+                &format!("target = \"{}\"", device.path.display()),
+            )
+            .replace(
+                "save_partlabel = [\"local-storage\"]\n",
+                "save_partlabel = [\"local-storage\"]\nstaging = \"state_dir\"\n",
+            );
         std::fs::write(&config, text).expect("config");
         let served = images()
             .into_iter()
@@ -140,7 +146,7 @@ impl UefiNode {
             file,
             storage_sha,
             _device: device,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -330,4 +336,34 @@ fn a_file_target_leaves_the_firmware_alone() {
         .map(|e| e.expect("entry").file_name())
         .collect();
     assert_eq!(names.len(), 1, "only BootOrder: {names:?}");
+}
+
+#[test]
+fn a_prefetched_copy_that_fails_mid_write_still_drops_the_old_images_entry() {
+    let test = "a_prefetched_copy_that_fails_mid_write_still_drops_the_old_images_entry";
+    let Some(node) = UefiNode::start(test, |_| {}) else {
+        return;
+    };
+    let images = images();
+    let (path, _, sha) = &images[0];
+    let body = json!({"image": {"url": node.server.url(path), "sha256": sha}});
+    let (status, body) = node.daemon.post("/v1/images/prefetch", ADMIN, body);
+    assert_eq!(status, 202, "{body}");
+    let prefetch = node.daemon.wait_operation(body["id"].as_str().expect("id"));
+    assert_eq!(prefetch["status"], "Succeeded", "{prefetch}");
+    // Corrupt late in the copy: its write fails after the table was reset,
+    // and the image is then streamed from its URL onto a saved-only disk.
+    let staged = node.dir.path().join(format!("state/images/{sha}.staged"));
+    let mut bytes = std::fs::read(&staged).expect("staged copy");
+    let late = bytes.len() * 3 / 4;
+    bytes[late] ^= 0xff;
+    std::fs::write(&staged, &bytes).expect("corrupt the copy, same length");
+
+    let op = node.reimage(path, sha);
+    assert_eq!(op["bootEntry"]["entry"], "Boot0003", "{op}");
+    assert_eq!(
+        op["bootEntry"]["removed"],
+        json!(["Boot0001"]),
+        "the old image's entry goes although the second attempt found a saved-only disk: {op}"
+    );
 }

@@ -25,9 +25,19 @@ impl Agent {
     }
 
     /// Before anything is written: the partitions the target holds, whose
-    /// boot entries become stale if they leave the disk.
+    /// boot entries become stale if they leave the disk. Noted once: a
+    /// second attempt (the image from its URL after a prefetched copy
+    /// failed mid-write) finds only the saved-only table.
     pub(super) fn note_partitions_before(&self, id: &str) -> crate::Result<()> {
         if self.efi_vars().is_none() {
+            return Ok(());
+        }
+        let noted = self
+            .lock()
+            .operations
+            .get(id)
+            .is_some_and(|record| !record.partitions_before.is_empty());
+        if noted {
             return Ok(());
         }
         let before = BootLayout::of_disk(&self.config.disk.target).guids;
