@@ -7,30 +7,21 @@ use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 
-/// Measures decoded image bytes fed to it in order.
-pub struct Measure {
-    hasher: Sha256,
+/// The part of measuring that must run in image order before a byte is
+/// written: the size, capped at the announced one, and the first bytes,
+/// held back for the partition table. Cheap enough to run on any thread.
+#[derive(Debug)]
+pub struct Outline {
     size: u64,
     /// The announced size: a byte beyond it fails at once.
     cap: Option<u64>,
     head: Vec<u8>,
 }
 
-/// What a whole image measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Measured {
-    pub size: u64,
-    /// Lowercase hex.
-    pub sha256: String,
-    /// The image's first [`HEAD_LEN`] bytes (all of it, if shorter).
-    pub head: Vec<u8>,
-}
-
-impl Measure {
-    /// A measure of an image announced to be `cap` bytes, if announced.
+impl Outline {
+    /// The outline of an image announced to be `cap` bytes, if announced.
     pub fn new(cap: Option<u64>) -> Self {
-        Measure {
-            hasher: Sha256::new(),
+        Outline {
             size: 0,
             cap,
             head: Vec::with_capacity(HEAD_LEN),
@@ -49,13 +40,12 @@ impl Measure {
                 actual: self.size,
             });
         }
-        self.hasher.update(data);
         let held = (HEAD_LEN - self.head.len()).min(data.len());
         self.head.extend_from_slice(&data[..held]);
         Ok(())
     }
 
-    /// Bytes measured so far.
+    /// Bytes taken so far.
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -70,13 +60,68 @@ impl Measure {
         &self.head
     }
 
-    /// Ends the measure.
-    pub fn finish(self) -> Measured {
+    /// Ends the outline with the image's SHA-256, taken elsewhere.
+    pub fn finish(self, sha256: String) -> Measured {
         Measured {
             size: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
+            sha256,
             head: self.head,
         }
+    }
+}
+
+/// Measures decoded image bytes fed to it in order: the [`Outline`] and the
+/// SHA-256, on the caller's thread.
+pub struct Measure {
+    outline: Outline,
+    hasher: Sha256,
+}
+
+/// What a whole image measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Measured {
+    pub size: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// The image's first [`HEAD_LEN`] bytes (all of it, if shorter).
+    pub head: Vec<u8>,
+}
+
+impl Measure {
+    /// A measure of an image announced to be `cap` bytes, if announced.
+    pub fn new(cap: Option<u64>) -> Self {
+        Measure {
+            outline: Outline::new(cap),
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Takes the next bytes of the image. Fails with `ImageSizeMismatch`
+    /// once the image runs past its announced size.
+    pub fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.outline.update(data)?;
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    /// Bytes measured so far.
+    pub fn size(&self) -> u64 {
+        self.outline.size()
+    }
+
+    /// The first bytes, once all [`HEAD_LEN`] of them are in.
+    pub fn full_head(&self) -> Option<&[u8]> {
+        self.outline.full_head()
+    }
+
+    /// The first bytes seen so far.
+    pub fn head(&self) -> &[u8] {
+        self.outline.head()
+    }
+
+    /// Ends the measure.
+    pub fn finish(self) -> Measured {
+        self.outline.finish(hex::encode(self.hasher.finalize()))
     }
 }
 

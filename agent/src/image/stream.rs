@@ -1,50 +1,103 @@
-//! The first two threads of the pipeline, joined by a fixed pool of aligned
+//! The first stages of the pipeline, joined by a fixed pool of aligned
 //! buffers so memory stays constant whatever the image size:
 //!
 //! ```text
-//! decoder thread → [filled] → measuring thread (SHA-256, size cap, head)
-//!   → [measured] → the writer (the caller) → [free] → decoder thread
+//! decoder thread → [filled] → outline (size cap, held-back head; the caller)
+//!   ├→ the writer (the caller)       ┐
+//!   └→ [hashing] → SHA-256 thread    ┴→ both done with a chunk → [free] → decoder
 //! ```
 //!
-//! Decoding, hashing and disk I/O each run on their own thread, so a write
-//! costs the slowest of the three rather than their sum.
+//! A decoded chunk is shared, read-only, by the writer and the SHA-256
+//! thread, and goes back to the pool when both are done with it: the disk
+//! is written while the same bytes are hashed, so a write costs the slowest
+//! of decoding, hashing and disk I/O rather than their sum, and the
+//! read-back can start before the last chunk is hashed. The bytes written
+//! are the bytes hashed: nobody can change a chunk once it is shared.
 
 use crate::disk::aligned::AlignedBuf;
-use crate::image::measure::{Measure, Measured};
+use crate::image::measure::{Measured, Outline};
 use crate::{Error, Result};
+use sha2::{Digest, Sha256};
 use std::io::Read;
+use std::ops::Deref;
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 /// Size of one buffer: large writes for O_DIRECT, few channel hand-offs.
 pub const CHUNK_SIZE: usize = 4 << 20;
 /// Buffers in flight: enough for the decoder to run a chunk ahead of the
-/// hasher and the hasher a chunk ahead of the writer, with one to spare
-/// at each hand-off (24 MiB in all).
+/// writer and the hasher, and for either of those to run a few chunks
+/// ahead of the other (24 MiB in all).
 pub const POOL_SIZE: usize = 6;
+
+/// The way back to the decoder for buffers done with. Closing it is what
+/// stops a decoder waiting for a buffer, so a stream dropped midway never
+/// leaves it waiting, even while chunks are still held.
+struct Pool {
+    free: Mutex<Option<SyncSender<AlignedBuf>>>,
+}
+
+impl Pool {
+    fn give_back(&self, buffer: AlignedBuf) {
+        if let Ok(free) = self.free.lock()
+            && let Some(free) = free.as_ref()
+        {
+            // Never blocks: the channel holds every buffer there is.
+            let _ = free.try_send(buffer);
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.take();
+        }
+    }
+}
+
+/// A buffer of decoded image bytes, back to its pool when dropped.
+struct Pooled {
+    buffer: Option<AlignedBuf>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool.give_back(buffer);
+        }
+    }
+}
+
+/// One chunk of decoded image bytes, shared read-only by whoever holds a
+/// clone of it; its buffer goes back to the pool when the last is dropped.
+#[derive(Clone)]
+pub struct Chunk(Arc<Pooled>);
+
+impl Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.0.buffer.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk").field("len", &self.len()).finish()
+    }
+}
 
 /// Decoded image bytes in full chunks (only the last one may be short).
 pub struct ChunkStream {
-    filled: Option<Receiver<Result<AlignedBuf>>>,
+    filled: Option<Receiver<Result<Chunk>>>,
+    pool: Arc<Pool>,
     reader: Option<JoinHandle<()>>,
-}
-
-/// Hands used buffers back to the decoder. It is the pool's only way back:
-/// once it is dropped the decoder stops at its next buffer, so dropping it
-/// before joining can never leave the decoder waiting.
-pub struct Recycler(SyncSender<AlignedBuf>);
-
-impl Recycler {
-    /// Hands a buffer back to the decoder.
-    pub fn recycle(&self, buffer: AlignedBuf) {
-        // The decoder may have finished; then the buffer is simply dropped.
-        let _ = self.0.send(buffer);
-    }
 }
 
 impl ChunkStream {
     /// Starts the decoder thread over `decoded`, with [`POOL_SIZE`] buffers.
-    pub fn spawn(decoded: Box<dyn Read + Send>) -> Result<(ChunkStream, Recycler)> {
+    pub fn spawn(decoded: Box<dyn Read + Send>) -> Result<ChunkStream> {
         let (filled_tx, filled) = mpsc::sync_channel(POOL_SIZE);
         let (free, free_rx) = mpsc::sync_channel(POOL_SIZE);
         for _ in 0..POOL_SIZE {
@@ -55,19 +108,23 @@ impl ChunkStream {
                 )
             })?;
         }
+        let pool = Arc::new(Pool {
+            free: Mutex::new(Some(free)),
+        });
+        let reader_pool = Arc::clone(&pool);
         let reader = thread::Builder::new()
             .name("image-reader".into())
-            .spawn(move || read_chunks(decoded, free_rx, filled_tx))
+            .spawn(move || read_chunks(decoded, free_rx, &reader_pool, filled_tx))
             .map_err(|e| Error::io("starting the reader thread", e))?;
-        let stream = ChunkStream {
+        Ok(ChunkStream {
             filled: Some(filled),
+            pool,
             reader: Some(reader),
-        };
-        Ok((stream, Recycler(free)))
+        })
     }
 
     /// The next chunk, `None` at the end of the image.
-    pub fn next_chunk(&mut self) -> Option<Result<AlignedBuf>> {
+    pub fn next_chunk(&mut self) -> Option<Result<Chunk>> {
         self.filled.as_ref()?.recv().ok()
     }
 }
@@ -75,122 +132,161 @@ impl ChunkStream {
 impl Drop for ChunkStream {
     fn drop(&mut self) {
         // Closing the channel unblocks a decoder waiting to hand a chunk
-        // over; one waiting for a buffer wakes when the recycler is dropped.
+        // over; closing the pool one waiting for a buffer.
         self.filled.take();
+        self.pool.close();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
     }
 }
 
-/// What the measuring thread hands the writer, in image order.
+/// What the measured stream hands the writer, in image order.
 #[derive(Debug)]
 pub enum Piece {
     /// The image's first bytes, all [`crate::disk::HEAD_LEN`] of them (or
     /// the whole image if shorter), sent before the chunk that completes
     /// them: nothing may be written before the table is prepared from them.
     Head(Vec<u8>),
-    /// The next chunk, hashed.
-    Chunk(AlignedBuf),
-    /// The end of the image and what it measured; nothing follows.
-    End(Measured),
+    /// The next chunk, within the announced size; it is being hashed.
+    Chunk(Chunk),
+    /// The end of the image: [`MeasuredStream::finish`] gives its hash.
+    End,
 }
 
-/// Decoded chunks that passed the measuring stage on its own thread.
+/// Decoded chunks, outlined in order on the caller's thread and hashed on
+/// a thread of their own while the caller writes them.
 pub struct MeasuredStream {
-    pieces: Option<Receiver<Result<Piece>>>,
-    recycler: Option<Recycler>,
-    measurer: Option<JoinHandle<()>>,
+    chunks: ChunkStream,
+    outline: Option<Outline>,
+    head_sent: bool,
+    /// The chunk that completed the head, handed on after it.
+    after_head: Option<Chunk>,
+    hashing: Option<SyncSender<Chunk>>,
+    hasher: Option<JoinHandle<String>>,
 }
 
 impl MeasuredStream {
-    /// Starts the decoder and measuring threads over `decoded`, which must
+    /// Starts the decoder and hashing threads over `decoded`, which must
     /// not run past `cap` bytes if given.
     pub fn spawn(decoded: Box<dyn Read + Send>, cap: Option<u64>) -> Result<MeasuredStream> {
-        let (chunks, recycler) = ChunkStream::spawn(decoded)?;
-        let (pieces_tx, pieces) = mpsc::sync_channel(POOL_SIZE);
-        let measurer = thread::Builder::new()
+        let chunks = ChunkStream::spawn(decoded)?;
+        // Never full: there are only POOL_SIZE chunks.
+        let (hashing, to_hash) = mpsc::sync_channel(POOL_SIZE);
+        let hasher = thread::Builder::new()
             .name("image-sha256".into())
-            .spawn(move || measure_chunks(chunks, Measure::new(cap), &pieces_tx))
+            .spawn(move || hash_chunks(to_hash))
             .map_err(|e| Error::io("starting the hashing thread", e))?;
         Ok(MeasuredStream {
-            pieces: Some(pieces),
-            recycler: Some(recycler),
-            measurer: Some(measurer),
+            chunks,
+            outline: Some(Outline::new(cap)),
+            head_sent: false,
+            after_head: None,
+            hashing: Some(hashing),
+            hasher: Some(hasher),
         })
     }
 
-    /// The next piece; `None` only if the measuring thread is gone, which
-    /// it never is before [`Piece::End`] or an error.
+    /// The next piece; after an error, `None`.
     pub fn next_piece(&mut self) -> Option<Result<Piece>> {
-        self.pieces.as_ref()?.recv().ok()
+        if let Some(chunk) = self.after_head.take() {
+            return Some(Ok(Piece::Chunk(chunk)));
+        }
+        let outline = self.outline.as_mut()?;
+        let Some(chunk) = self.chunks.next_chunk() else {
+            if !self.head_sent {
+                self.head_sent = true;
+                return Some(Ok(Piece::Head(outline.head().to_vec())));
+            }
+            self.hashing.take();
+            return Some(Ok(Piece::End));
+        };
+        let chunk = match chunk.and_then(|chunk| outline.update(&chunk).map(|()| chunk)) {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                self.outline = None;
+                return Some(Err(err));
+            }
+        };
+        let hashed = self
+            .hashing
+            .as_ref()
+            .map(|hashing| hashing.send(chunk.clone()));
+        if !matches!(hashed, Some(Ok(()))) {
+            self.outline = None;
+            return Some(Err(hashing_stopped()));
+        }
+        if !self.head_sent
+            && let Some(head) = outline.full_head()
+        {
+            self.head_sent = true;
+            let head = head.to_vec();
+            self.after_head = Some(chunk);
+            return Some(Ok(Piece::Head(head)));
+        }
+        Some(Ok(Piece::Chunk(chunk)))
     }
 
-    /// Hands a written chunk's buffer back to the decoder.
-    pub fn recycle(&self, buffer: AlignedBuf) {
-        if let Some(recycler) = &self.recycler {
-            recycler.recycle(buffer);
-        }
+    /// What the whole image measured, once [`Piece::End`] was handed on:
+    /// waits for the hashing thread to hash the last chunk.
+    pub fn finish(&mut self) -> Result<Measured> {
+        self.hashing.take();
+        let sha256 = self
+            .hasher
+            .take()
+            .and_then(|hasher| hasher.join().ok())
+            .ok_or_else(hashing_stopped)?;
+        let outline = self.outline.take().ok_or_else(hashing_stopped)?;
+        Ok(outline.finish(sha256))
     }
 }
 
 impl Drop for MeasuredStream {
     fn drop(&mut self) {
-        // The order matters: the measurer stops at its next hand-off, the
-        // decoder at its next buffer; then neither can wait on the other.
-        self.pieces.take();
-        self.recycler.take();
-        if let Some(measurer) = self.measurer.take() {
-            let _ = measurer.join();
+        // The hasher ends once its channel is closed and drained; the
+        // decoder when the chunk stream is dropped after it.
+        self.hashing.take();
+        self.after_head.take();
+        if let Some(hasher) = self.hasher.take() {
+            let _ = hasher.join();
         }
     }
 }
 
-fn measure_chunks(
-    mut chunks: ChunkStream,
-    mut measure: Measure,
-    pieces: &SyncSender<Result<Piece>>,
-) {
-    let mut head_sent = false;
-    while let Some(chunk) = chunks.next_chunk() {
-        let piece = chunk.and_then(|chunk| measure.update(&chunk).map(|()| chunk));
-        let chunk = match piece {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                let _ = pieces.send(Err(err));
-                return;
-            }
-        };
-        if !head_sent && let Some(head) = measure.full_head() {
-            head_sent = true;
-            if pieces.send(Ok(Piece::Head(head.to_vec()))).is_err() {
-                return;
-            }
-        }
-        if pieces.send(Ok(Piece::Chunk(chunk))).is_err() {
-            return;
-        }
+/// The hashing thread ended before the end of the image: it cannot, short
+/// of a panic there.
+fn hashing_stopped() -> Error {
+    Error::io(
+        "hashing the image",
+        std::io::Error::other("the hashing thread stopped before the end of the image"),
+    )
+}
+
+/// The SHA-256 of every chunk handed over, in order, until the channel
+/// closes; each chunk is dropped as soon as it is hashed.
+fn hash_chunks(chunks: Receiver<Chunk>) -> String {
+    let mut hasher = Sha256::new();
+    for chunk in chunks {
+        hasher.update(&chunk[..]);
     }
-    if !head_sent
-        && pieces
-            .send(Ok(Piece::Head(measure.head().to_vec())))
-            .is_err()
-    {
-        return;
-    }
-    let _ = pieces.send(Ok(Piece::End(measure.finish())));
+    hex::encode(hasher.finalize())
 }
 
 fn read_chunks(
     mut decoded: Box<dyn Read + Send>,
     free: Receiver<AlignedBuf>,
-    filled: SyncSender<Result<AlignedBuf>>,
+    pool: &Arc<Pool>,
+    filled: SyncSender<Result<Chunk>>,
 ) {
     while let Ok(mut buffer) = free.recv() {
         match fill(&mut decoded, &mut buffer) {
             Ok(0) => return,
             Ok(_) => {
-                if filled.send(Ok(buffer)).is_err() {
+                let chunk = Chunk(Arc::new(Pooled {
+                    buffer: Some(buffer),
+                    pool: Arc::clone(pool),
+                }));
+                if filled.send(Ok(chunk)).is_err() {
                     return;
                 }
             }
@@ -233,7 +329,7 @@ mod tests {
     #[test]
     fn chunks_are_full_except_the_last_and_concatenate_to_the_input() {
         let data = pattern(CHUNK_SIZE * 2 + 1234);
-        let (mut stream, recycler) =
+        let mut stream =
             ChunkStream::spawn(Box::new(io::Cursor::new(data.clone()))).expect("spawns");
         let mut out = Vec::new();
         let mut sizes = Vec::new();
@@ -241,7 +337,6 @@ mod tests {
             let chunk = chunk.expect("reads");
             sizes.push(chunk.len());
             out.extend_from_slice(&chunk);
-            recycler.recycle(chunk);
         }
         assert_eq!(sizes, vec![CHUNK_SIZE, CHUNK_SIZE, 1234]);
         assert!(out == data);
@@ -255,22 +350,53 @@ mod tests {
                 Err(Error::DownloadFailed("connection reset".into()).into_io())
             }
         }
-        let (mut stream, _recycler) = ChunkStream::spawn(Box::new(Failing)).expect("spawns");
+        let mut stream = ChunkStream::spawn(Box::new(Failing)).expect("spawns");
         let err = stream.next_chunk().expect("an item").expect_err("fails");
         assert_eq!(err.code(), "DownloadFailed");
         assert!(stream.next_chunk().is_none());
     }
 
     #[test]
-    fn dropping_the_stream_early_stops_the_reader() {
+    fn dropping_the_stream_early_stops_the_reader_even_with_every_buffer_held() {
         let endless = io::repeat(1);
-        let (mut stream, recycler) = ChunkStream::spawn(Box::new(endless)).expect("spawns");
-        assert!(stream.next_chunk().is_some());
-        drop(recycler);
-        drop(stream); // must not hang: the reader sees the channels close
+        let mut stream = ChunkStream::spawn(Box::new(endless)).expect("spawns");
+        let held: Vec<_> = (0..POOL_SIZE).filter_map(|_| stream.next_chunk()).collect();
+        assert_eq!(held.len(), POOL_SIZE);
+        drop(stream); // must not hang: the reader sees the pool close
+        drop(held);
     }
 
-    /// Drains a measured stream, recycling as a writer does.
+    #[test]
+    fn a_chunk_goes_back_to_the_pool_only_when_its_last_holder_drops_it() {
+        let (free, free_rx) = mpsc::sync_channel(1);
+        let pool = Arc::new(Pool {
+            free: Mutex::new(Some(free)),
+        });
+        let chunk = Chunk(Arc::new(Pooled {
+            buffer: Some(AlignedBuf::new(4096)),
+            pool: Arc::clone(&pool),
+        }));
+        let clone = chunk.clone();
+        drop(chunk);
+        assert!(free_rx.try_recv().is_err(), "still held by the clone");
+        drop(clone);
+        assert!(
+            free_rx.try_recv().is_ok(),
+            "back once the last holder let go"
+        );
+        let after_close = Chunk(Arc::new(Pooled {
+            buffer: Some(AlignedBuf::new(4096)),
+            pool: Arc::clone(&pool),
+        }));
+        pool.close();
+        drop(after_close);
+        assert!(
+            matches!(free_rx.try_recv(), Err(mpsc::TryRecvError::Disconnected)),
+            "a closed pool takes nothing back and wakes the decoder"
+        );
+    }
+
+    /// Drains a measured stream as a writer does.
     fn drain(mut stream: MeasuredStream) -> Result<(Vec<u8>, Vec<u8>, Measured)> {
         let (mut head, mut data) = (None, Vec::new());
         loop {
@@ -285,11 +411,11 @@ mod tests {
                     );
                     head = Some(bytes);
                 }
-                Piece::Chunk(chunk) => {
-                    data.extend_from_slice(&chunk);
-                    stream.recycle(chunk);
+                Piece::Chunk(chunk) => data.extend_from_slice(&chunk),
+                Piece::End => {
+                    let measured = stream.finish()?;
+                    return Ok((head.expect("a head"), data, measured));
                 }
-                Piece::End(measured) => return Ok((head.expect("a head"), data, measured)),
             }
         }
     }

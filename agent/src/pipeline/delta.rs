@@ -133,7 +133,6 @@ impl Job<'_> {
             size: index.image_size,
             sha256,
             zeroed: 0,
-            written: writer.written,
             blocks: Some(counts),
         }))
     }

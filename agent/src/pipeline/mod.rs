@@ -10,10 +10,12 @@
 //! partitions, so a corrupt, truncated or half-written image never boots.
 //!
 //! Decoding, SHA-256 and the disk I/O each run on their own thread
-//! ([`MeasuredStream`]). The read-back checks every chunk written against a
-//! BLAKE3 digest taken from the very bytes the SHA-256 measured
-//! ([`WrittenChunks`]), several reads in flight: one SHA-256 pass, and the
-//! disk still holds the bytes that hashed to the expected SHA-256.
+//! ([`MeasuredStream`]): a chunk is written while the same bytes are hashed.
+//! The read-back checks every chunk written against an XXH3-128 digest
+//! taken from the very bytes the SHA-256 measured ([`WrittenChunks`]), several
+//! reads in flight, and starts while the last chunks are still being
+//! hashed: one SHA-256 pass, and the disk still holds the bytes that hashed
+//! to the expected SHA-256. Nothing is committed before both held.
 //!
 //! An image with a block index is written by [`delta`] where the target
 //! holds data: only the blocks that differ are fetched and written, and the
@@ -221,14 +223,23 @@ struct Streamed {
     size: u64,
     sha256: String,
     zeroed: u64,
-    /// What each chunk written must read back as.
-    written: WrittenChunks,
     /// Written through a block index: what was fetched, kept and written.
     blocks: Option<BlockCounts>,
 }
 
-/// The measuring thread ended without an error or the end of the image:
-/// it cannot, short of a panic there.
+/// What streaming wrote, before the hash is known.
+struct Written {
+    /// Bytes streamed, the held head included.
+    size: u64,
+    /// Bytes held back for the commit.
+    head_len: u64,
+    zeroed: u64,
+    /// What each chunk written must read back as.
+    chunks: WrittenChunks,
+}
+
+/// The measured stream ended without an error or the end of the image: it
+/// cannot, short of a panic in one of its threads.
 fn stream_cut_off() -> Error {
     Error::io(
         "streaming the image",
@@ -309,11 +320,23 @@ impl<'t> Job<'t> {
         let raw_length = encoded_length.filter(|_| format == ImageFormat::Raw);
         self.check_fits(image.size.or(raw_length))?;
         tracing::info!(image = %image.location, %format, "writing image");
-        let streamed = self.stream(decoded, image.size, meter)?;
-        check_image(streamed.size, &streamed.sha256, image)?;
-        if request.read_back {
-            self.read_back(&streamed, meter)?;
-        }
+        let (written, mut stream) = self.stream(decoded, image.size, meter)?;
+        // Read back while the hashing thread hashes the last chunks.
+        let read_back = match request.read_back {
+            true => self.read_back(&written, meter),
+            false => Ok(()),
+        };
+        let measured = stream.finish()?;
+        // A bad image is the cause whatever the read-back found.
+        check_image(measured.size, &measured.sha256, image)?;
+        read_back?;
+        let streamed = Streamed {
+            head: measured.head,
+            size: measured.size,
+            sha256: measured.sha256,
+            zeroed: written.zeroed,
+            blocks: None,
+        };
         Ok((format, streamed))
     }
 
@@ -329,26 +352,28 @@ impl<'t> Job<'t> {
         check_image_fits(&self.saved, self.target.size(), size)
     }
 
-    /// decode → measure → sink, each on its own thread (see
+    /// decode → outline → sink, with the SHA-256 on its own thread (see
     /// [`MeasuredStream`]); the first MiB is held back, and every chunk
-    /// written is recorded for the read-back.
+    /// written is recorded for the read-back. Returns once everything but
+    /// the head is written and synced, with the stream still hashing.
     fn stream(
         &self,
         decoded: Box<dyn Read + Send>,
         expected_size: Option<u64>,
         meter: &mut ProgressMeter<'_>,
-    ) -> Result<Streamed> {
+    ) -> Result<(Written, MeasuredStream)> {
         let mut pieces = MeasuredStream::spawn(decoded, expected_size)?;
         let mut sink: Option<DiskSink<'_>> = None;
-        let mut written = WrittenChunks::new();
+        let mut chunks = WrittenChunks::new();
+        let mut head_len = 0;
         let mut position = 0u64;
         meter.phase(Phase::Downloading, expected_size);
-        let measured = loop {
-            let piece = pieces.next_piece().ok_or_else(stream_cut_off)??;
-            match piece {
+        loop {
+            match pieces.next_piece().ok_or_else(stream_cut_off)?? {
                 Piece::Head(head) => {
                     self.check_merge(&head, expected_size)?;
                     self.reset_table_before_writing()?;
+                    head_len = head.len() as u64;
                     sink = Some(self.sink());
                 }
                 Piece::Chunk(chunk) => {
@@ -357,27 +382,25 @@ impl<'t> Job<'t> {
                     if held < chunk.len() {
                         let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
                         sink.write(&chunk[held..])?;
-                        written.record(position + held as u64, &chunk[held..]);
+                        chunks.record(position + held as u64, &chunk[held..]);
                     }
                     position += chunk.len() as u64;
-                    pieces.recycle(chunk);
                     meter.update(position);
                 }
-                Piece::End(measured) => break measured,
+                Piece::End => break,
             }
-        };
+        }
         // The head always comes before the end, so the sink exists.
         let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
         sink.finish()?;
-        meter.finish_phase(measured.size);
-        Ok(Streamed {
-            head: measured.head,
-            size: measured.size,
-            sha256: measured.sha256,
+        meter.finish_phase(position);
+        let written = Written {
+            size: position,
+            head_len,
             zeroed: sink.zeroed_bytes(),
-            written,
-            blocks: None,
-        })
+            chunks,
+        };
+        Ok((written, pieces))
     }
 
     /// Runs once the head is known, before anything is written: a merge of
@@ -417,11 +440,12 @@ impl<'t> Job<'t> {
     /// Reads everything written back, several reads in flight, and checks
     /// each chunk against what was recorded from the hashed bytes: with the
     /// SHA-256 matched, the disk then holds the bytes that hashed to it.
-    fn read_back(&self, streamed: &Streamed, meter: &mut ProgressMeter<'_>) -> Result<()> {
-        meter.phase(Phase::Verifying, Some(streamed.size));
-        let head_len = streamed.head.len() as u64;
-        streamed.written.verify(self.target, meter, head_len)?;
-        meter.finish_phase(streamed.size);
+    fn read_back(&self, written: &Written, meter: &mut ProgressMeter<'_>) -> Result<()> {
+        meter.phase(Phase::Verifying, Some(written.size));
+        written
+            .chunks
+            .verify(self.target, meter, written.head_len)?;
+        meter.finish_phase(written.size);
         Ok(())
     }
 
