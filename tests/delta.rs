@@ -5,7 +5,7 @@
 //! partition's SHA-256 is checked.
 
 use reimage_e2e::bin::{agent, run, stderr};
-use reimage_e2e::daemon::{ADMIN, Daemon, write_config};
+use reimage_e2e::daemon::{ADMIN, Daemon, stage_in_state_dir, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{
     MIB, assert_saved_only, labels, partition_sha256, read_range, target_disk, write_os_table,
@@ -550,5 +550,81 @@ fn the_daemon_reimages_through_the_index_and_its_record_counts_what_moved() {
     assert!(
         metrics.contains(&format!("reimage_bytes_unchanged_total {unchanged}")),
         "{metrics}"
+    );
+}
+
+#[test]
+fn a_prefetch_on_a_node_holding_v1_fetches_only_what_v2_changed_and_the_reimage_nothing() {
+    let Some(lab) = Lab::new("a prefetch through the block index") else {
+        return;
+    };
+    let config = write_config(lab.dir.path(), "");
+    stage_in_state_dir(&config);
+    let daemon = Daemon::start(&config);
+    lab.server.clear_requests();
+    let (status, body) = daemon.post(
+        "/v1/images/prefetch",
+        ADMIN,
+        json!({"manifestUrl": lab.manifest("v2")}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let prefetch = daemon.wait_operation(body["id"].as_str().expect("operation id"));
+    assert_eq!(prefetch["status"], "Succeeded", "{prefetch}");
+    let packed = lab.packed_len("v2");
+    let fetched = lab.served("/v2.img.zst", packed);
+    assert!(
+        fetched > 0 && fetched * 10 <= packed,
+        "the prefetch fetched {fetched} of {packed} bytes: only the blocks v1 lacks"
+    );
+    lab.assert_holds(&lab.v1);
+    let images_dir = lab.dir.path().join("state/images");
+    let staged_files = || {
+        let mut names: Vec<String> = fs::read_dir(&images_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let staged = daemon.get("/v1/images");
+    let sha = staged["value"][0]["sha256"]
+        .as_str()
+        .expect("the staged image");
+    assert_eq!(
+        staged_files(),
+        [format!("{sha}.staged"), format!("{sha}.staged.index.json")],
+        "the copy and its own index"
+    );
+
+    lab.server.clear_requests();
+    let (status, body) = daemon.post(
+        "/v1/node/reimage",
+        ADMIN,
+        json!({"nodeReimageOption": "terminate", "manifestUrl": lab.manifest("v2")}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let operation = daemon.wait_operation(body["id"].as_str().expect("operation id"));
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    assert_eq!(
+        lab.server.requests().len(),
+        0,
+        "the reimage after the prefetch asks the server for nothing"
+    );
+    lab.assert_holds(&lab.v2);
+    lab.assert_storage_intact();
+    let written = operation["progress"]["bytesWritten"]
+        .as_u64()
+        .expect("bytesWritten");
+    assert!(
+        written * 10 <= IMAGE_MIB * MIB,
+        "the write from the staged copy wrote only what differs: {operation}"
+    );
+    assert!(
+        staged_files().is_empty(),
+        "the used copy and its index are gone"
     );
 }

@@ -3,7 +3,7 @@
 //! reimage that follows downloads nothing; bad images, budgets, deletes
 //! and `kill -9` leave the node and its disk as they were.
 
-use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, write_config};
+use reimage_e2e::daemon::{ADMIN, Daemon, OPERATOR, READER, stage_in_state_dir, write_config};
 use reimage_e2e::http_server::{Fault, FaultServer};
 use reimage_e2e::images::{labels, os_image, partition_sha256, sha256, target_disk, zstd};
 use reqwest::Method;
@@ -36,14 +36,7 @@ fn node_with(images: Vec<(&str, Vec<u8>)>, fault: Fault, image_toml: &str) -> No
         .collect();
     let server = FaultServer::start(files, fault);
     let config = write_config(dir.path(), &format!("[image]\n{image_toml}\n"));
-    // RAM staging would leave copies in /run after the test's directory is
-    // gone; the state directory goes with it.
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replace(
-        "save_partlabel = [\"local-storage\"]\n",
-        "save_partlabel = [\"local-storage\"]\nstaging = \"state_dir\"\n",
-    );
-    std::fs::write(&config, text).expect("config");
+    stage_in_state_dir(&config);
     let daemon = Daemon::start(&config);
     Node {
         daemon,

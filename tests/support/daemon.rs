@@ -72,6 +72,22 @@ method = "none"
     path
 }
 
+/// Makes the agent of `config` stage images (prefetch, in place) under its
+/// state directory: RAM copies in `/run` would outlive the test's directory.
+pub fn stage_in_state_dir(config: &Path) {
+    let text = fs::read_to_string(config).expect("config");
+    let text = text.replacen(
+        "save_partlabel = [\"local-storage\"]\n",
+        "save_partlabel = [\"local-storage\"]\nstaging = \"state_dir\"\n",
+        1,
+    );
+    assert!(
+        text.contains("staging = "),
+        "a [disk] table to add staging to"
+    );
+    fs::write(config, text).expect("config");
+}
+
 impl Daemon {
     /// Starts `reimage-agent serve --config CONFIG` and waits for /healthz.
     pub fn start(config: &Path) -> Daemon {

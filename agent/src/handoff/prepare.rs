@@ -13,13 +13,11 @@ use super::outcome::plan_path;
 use super::plan::{HandoffPlan, PLAN_VERSION, StagedAt, StateFilesystem};
 use super::stage::{
     self, MEMORY_STAGING_DIR, Room, STATE_STAGING_DIR, StagedImage, StagingArea, StagingChoice,
+    StagingSource,
 };
 use crate::disk::filesystem::{block_device_number, filesystem_of};
 use crate::disk::saved::{SaveSpec, SavedPartitions};
-use crate::image::block_fetch::BlockFetch;
-use crate::image::block_index::{self, BlockIndex};
 use crate::image::http::HttpOptions;
-use crate::image::source;
 use crate::pipeline::ImageRequest;
 use crate::progress::ProgressMeter;
 use crate::reboot::RebootMethod;
@@ -74,26 +72,8 @@ pub fn stage(
     }
     let state = state_filesystem(&request.state_dir, &request.target, &request.save)?;
     let image = &request.image;
-    let index = match (&image.block_index, image.size) {
-        (Some(index), Some(size)) => Some(block_index::load(
-            &index.location,
-            &index.sha256,
-            size,
-            &request.http,
-        )?),
-        _ => None,
-    };
-    // Without an index the whole stream is opened now: its length sizes
-    // the staging area.
-    let mut source = match index {
-        Some(_) => None,
-        None => Some(source::open(&image.location, &request.http)?),
-    };
-    let needed = index
-        .as_ref()
-        .map(BlockIndex::encoded_size)
-        .or(source.as_ref().and_then(|s| s.length))
-        .or(image.size);
+    let from = StagingSource::open(image, &request.http)?;
+    let needed = from.needed;
     let area = stage::choose_area(request.staging, needed, Room::measure(&request.state_dir)?)?;
     let dir = match area {
         StagingArea::Memory => {
@@ -107,51 +87,19 @@ pub fn stage(
     let dest = dir.join(format!("{}.img", request.operation_id));
     tracing::info!(?area, path = %dest.display(), needed, "staging the image");
     let mut meter = ProgressMeter::new(report);
-    // Through the index, the staged file's own index and what was fetched.
-    let mut staged_index_sha256 = None;
-    let mut downloaded = None;
-    let mut seeded = None;
-    if let Some(index) = &index {
-        let mut fetch = BlockFetch::open(&image.location, &request.http, index)?;
-        match stage::stage_from_disk(
-            &mut fetch,
-            image,
-            &dest,
-            &request.target,
-            &request.save,
-            &mut meter,
-        )? {
-            Some((staged, index_sha256)) => {
-                tracing::info!(
-                    downloaded = fetch.downloaded,
-                    staged_bytes = staged_len(&staged.path),
-                    "staged through the block index, the disk as the seed"
-                );
-                (staged_index_sha256, downloaded) = (Some(index_sha256), Some(fetch.downloaded));
-                seeded = Some(staged);
-            }
-            None => {
-                tracing::info!(image = %image.location, "staging the whole image: the server does not honour Range requests");
-            }
-        }
-    }
-    let staged = match seeded {
-        Some(staged) => staged,
-        None => {
-            let source = match source.take() {
-                Some(source) => source,
-                None => source::open(&image.location, &request.http)?,
-            };
-            stage::stage_image(
-                source,
-                image,
-                &dest,
-                &request.target,
-                &request.save,
-                &mut meter,
-            )?
-        }
-    };
+    let stage::Staging {
+        staged,
+        index_sha256: staged_index_sha256,
+        downloaded,
+    } = stage::stage(
+        image,
+        from,
+        &request.http,
+        &dest,
+        &request.target,
+        &request.save,
+        &mut meter,
+    )?;
     let plan = HandoffPlan {
         version: PLAN_VERSION,
         operation_id: request.operation_id.clone(),
@@ -245,10 +193,6 @@ fn state_dir_overwritten(state_dir: &Path, device: &Path, what: &str) -> Error {
         state_dir.display(),
         device.display()
     ))
-}
-
-fn staged_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// One image is staged at a time: what an earlier operation left goes.

@@ -22,9 +22,10 @@ use crate::disk::saved::{SaveSpec, SavedPartitions};
 use crate::image::block_fetch::{BlockFetch, MAX_RUN_BLOCKS};
 use crate::image::block_index::{self, Block, BlockIndex};
 use crate::image::decode;
+use crate::image::http::HttpOptions;
 use crate::image::measure::{Measure, measure_to_end};
 use crate::image::pack::compress_frame;
-use crate::image::source::Source;
+use crate::image::source::{self, Source};
 use crate::pipeline::{self, ImageRequest};
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
@@ -128,6 +129,110 @@ pub struct StagedImage {
     pub sha256: String,
     /// The image's EFI system partition and partition GUIDs.
     pub boot: BootLayout,
+}
+
+/// What staging an image reads: its block index when it has one (then the
+/// stream is opened only if the server turns out not to honour `Range`),
+/// else the whole stream, opened; and the most the staged file takes.
+pub struct StagingSource {
+    index: Option<BlockIndex>,
+    source: Option<Source>,
+    /// Bytes the staged file takes at most, when known.
+    pub needed: Option<u64>,
+}
+
+impl StagingSource {
+    /// Loads `image`'s block index (checked against its SHA-256), or opens
+    /// its stream: whichever sizes the staging area.
+    pub fn open(image: &ImageRequest, http: &HttpOptions) -> Result<StagingSource> {
+        let index = match (&image.block_index, image.size) {
+            (Some(index), Some(size)) => Some(block_index::load(
+                &index.location,
+                &index.sha256,
+                size,
+                http,
+            )?),
+            _ => None,
+        };
+        let source = match index {
+            Some(_) => None,
+            None => Some(source::open(&image.location, http)?),
+        };
+        let needed = index
+            .as_ref()
+            .map(BlockIndex::encoded_size)
+            .or(source.as_ref().and_then(|s| s.length))
+            .or(image.size);
+        Ok(StagingSource {
+            index,
+            source,
+            needed,
+        })
+    }
+
+    /// Wraps the opened stream, if any (a prefetch caps it at its budget).
+    pub fn map_source(self, wrap: impl FnOnce(Source) -> Source) -> StagingSource {
+        StagingSource {
+            source: self.source.map(wrap),
+            ..self
+        }
+    }
+}
+
+/// What [`stage`] staged, and how.
+#[derive(Debug)]
+pub struct Staging {
+    pub staged: StagedImage,
+    /// Staged through the block index: the SHA-256 of the staged file's own
+    /// index, beside it ([`staged_index_path`]).
+    pub index_sha256: Option<String>,
+    /// Staged through the block index: the encoded bytes fetched.
+    pub downloaded: Option<u64>,
+}
+
+/// Stages `image` into `dest`: through its block index, with the target as
+/// the seed, when it has one and the server honours `Range`; else the whole
+/// stream. The one home of that choice, for the in-place path and for
+/// prefetching.
+pub fn stage(
+    image: &ImageRequest,
+    from: StagingSource,
+    http: &HttpOptions,
+    dest: &Path,
+    target: &Path,
+    save: &SaveSpec,
+    meter: &mut ProgressMeter<'_>,
+) -> Result<Staging> {
+    let StagingSource { index, source, .. } = from;
+    if let Some(index) = &index {
+        let mut fetch = BlockFetch::open(&image.location, http, index)?;
+        match stage_from_disk(&mut fetch, image, dest, target, save, meter)? {
+            Some((staged, index_sha256)) => {
+                tracing::info!(
+                    downloaded = fetch.downloaded,
+                    staged_bytes = std::fs::metadata(&staged.path).map_or(0, |m| m.len()),
+                    "staged through the block index, the disk as the seed"
+                );
+                return Ok(Staging {
+                    staged,
+                    index_sha256: Some(index_sha256),
+                    downloaded: Some(fetch.downloaded),
+                });
+            }
+            None => {
+                tracing::info!(image = %image.location, "staging the whole image: the server does not honour Range requests");
+            }
+        }
+    }
+    let source = match source {
+        Some(source) => source,
+        None => source::open(&image.location, http)?,
+    };
+    Ok(Staging {
+        staged: stage_image(source, image, dest, target, save, meter)?,
+        index_sha256: None,
+        downloaded: None,
+    })
 }
 
 /// Streams `source` into the file `dest` while decoding and verifying it

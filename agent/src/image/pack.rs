@@ -42,8 +42,11 @@ pub struct PackOptions {
 
 /// Where the block index of `output` goes: `OUT.index.json`.
 pub fn index_path(output: &Path) -> PathBuf {
-    with_suffix(output, ".index.json")
+    with_suffix(output, INDEX_SUFFIX)
 }
+
+/// What [`index_path`] adds to the image's file name.
+pub const INDEX_SUFFIX: &str = ".index.json";
 
 /// Compresses `raw` into `output` (format from its extension, zstd with
 /// the options' level and all cores), hashing the raw bytes on the way, and

@@ -8,15 +8,19 @@
 //!   → rename to <sha256>.staged, record it
 //! ```
 //!
-//! The staging is the in-place path's ([`crate::handoff::stage`]); nothing
-//! on the target is written.
+//! The staging is the in-place path's ([`crate::handoff::stage`]): an image
+//! with a block index is staged with the target as the seed, so a node
+//! that holds the previous release downloads only the blocks that changed,
+//! and the staged copy keeps an index of its own for the write that
+//! follows. Nothing on the target is written.
 
 pub mod store;
 
 use crate::config::Config;
-use crate::handoff::stage::{self, Room};
+use crate::handoff::stage::{self, Room, StagingSource};
+use crate::image::block_index::IndexRef;
 use crate::image::http::HttpOptions;
-use crate::image::source::{self, Location, Source};
+use crate::image::source::{Location, Source};
 use crate::ops::image_choice::{ImageChoice, ImageSource};
 use crate::pipeline::ImageRequest;
 use crate::progress::ProgressMeter;
@@ -53,9 +57,8 @@ pub fn fetch(
         images.touch(&sha256)?;
         return Ok(record);
     }
-    let source = source::open(&request.location, http)?;
-    // The encoded length, or failing that the raw size: an upper bound.
-    let needed = source.length.or(request.size);
+    let from = StagingSource::open(&request, http)?;
+    let needed = from.needed;
     let allowance = claim.reserve(needed)?;
     let area = stage::choose_area(config.disk.staging, needed, room(images, config)?)?;
     let dir = images.dir(area);
@@ -63,22 +66,32 @@ pub fn fetch(
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let partial = images.partial_path(area, &sha256);
     tracing::info!(%sha256, ?area, path = %partial.display(), needed, "prefetching the image");
-    let capped = Source {
+    // A whole stream is cut off at the allowance; through the index the
+    // allowance is the index's own size of the image.
+    let from = from.map_source(|source| Source {
         reader: Box::new(Capped {
             inner: source.reader,
             left: allowance,
         }),
         length: source.length,
-    };
+    });
     let mut meter = ProgressMeter::new(report);
-    let staged = stage::stage_image(
-        capped,
+    let stage::Staging {
+        staged,
+        index_sha256,
+        downloaded,
+    } = stage::stage(
         &request,
+        from,
+        http,
         &partial,
         &config.disk.target,
         &config.disk.save_spec(),
         &mut meter,
     )?;
+    if let Some(downloaded) = downloaded {
+        tracing::info!(%sha256, downloaded, "prefetched through the block index: only the blocks the target lacks were downloaded");
+    }
     let staged_bytes = std::fs::metadata(&staged.path)
         .map_err(|e| Error::io(format!("reading {}", staged.path.display()), e))?
         .len();
@@ -101,6 +114,7 @@ pub fn fetch(
         format: staged.format,
         last_used: now,
         boot_loader: request.boot_loader.clone(),
+        index_sha256,
     };
     claim.commit(&partial, &record)?;
     tracing::info!(sha256 = %record.info.sha256, bytes = staged_bytes, "the image is staged");
@@ -111,12 +125,16 @@ pub fn fetch(
 /// held to the image's SHA-256, size and format.
 pub fn write_request(images: &StagedImages, record: &StagedRecord) -> Option<ImageRequest> {
     let path = images.copy_of(record)?;
+    let block_index = images.index_of(record).map(|(index, sha256)| IndexRef {
+        location: Location::File(index),
+        sha256,
+    });
     Some(ImageRequest {
         location: Location::File(path),
         sha256: Some(record.info.sha256.clone()),
         size: Some(record.info.size),
         format: Some(record.format),
-        block_index: None,
+        block_index,
         boot_loader: record.boot_loader.clone(),
     })
 }

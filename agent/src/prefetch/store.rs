@@ -4,10 +4,14 @@
 //! directory plus a record in [`Table::Images`]. A download in progress is
 //! `<sha256>.partial`, renamed only once the whole image verified, so a
 //! `.staged` file is always a verified copy; partials are removed at start.
+//! A copy staged through a block index has its own index beside it,
+//! `<sha256>.staged.index.json`, renamed and removed with it.
 //!
 //! The copies' total size stays under a budget (`[image]
 //! prefetch_budget_mib`): making room evicts the least recently used.
 
+use crate::handoff::stage::staged_index_path as index_path;
+use crate::image::pack::INDEX_SUFFIX;
 use crate::store::{Store, Table};
 use crate::{Error, Result};
 use jiff::Timestamp;
@@ -41,6 +45,9 @@ pub struct StagedRecord {
     /// The EFI loader the image's manifest names, for the boot entry.
     #[serde(default)]
     pub boot_loader: Option<String>,
+    /// Staged through a block index: the SHA-256 of the copy's own index.
+    #[serde(default)]
+    pub index_sha256: Option<String>,
 }
 
 /// The staged copies of one agent.
@@ -116,7 +123,8 @@ impl StagedImages {
                 let path = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let recorded = name.strip_suffix(&format!(".{STAGED}")).is_some_and(|sha| {
+                let copy = name.strip_suffix(INDEX_SUFFIX).unwrap_or(&name);
+                let recorded = copy.strip_suffix(&format!(".{STAGED}")).is_some_and(|sha| {
                     records
                         .iter()
                         .any(|r| r.info.sha256 == sha && r.info.area == area)
@@ -174,6 +182,14 @@ impl StagedImages {
         (len == record.info.staged_bytes).then_some(path)
     }
 
+    /// The path and SHA-256 of `record`'s own block index, when it was
+    /// staged through one and the index is there.
+    pub fn index_of(&self, record: &StagedRecord) -> Option<(PathBuf, String)> {
+        let sha256 = record.index_sha256.clone()?;
+        let path = index_path(&self.staged_path(record.info.area, &record.info.sha256));
+        path.exists().then_some((path, sha256))
+    }
+
     /// Notes that image `sha256` was asked for again: it is evicted last.
     pub fn touch(&self, sha256: &str) -> Result<()> {
         if let Some(mut record) = self.get(sha256)? {
@@ -191,7 +207,9 @@ impl StagedImages {
         };
         // The record goes first: a copy without one is removed at start.
         self.store.delete(Table::Images, sha256)?;
-        remove_file(&self.staged_path(record.info.area, sha256))?;
+        let path = self.staged_path(record.info.area, sha256);
+        remove_file(&path)?;
+        remove_file(&index_path(&path))?;
         tracing::info!(%sha256, "removed the staged image");
         Ok(true)
     }
@@ -280,12 +298,19 @@ impl Claim<'_> {
     pub fn commit(&self, partial: &Path, record: &StagedRecord) -> Result<()> {
         let images = self.images;
         let path = images.staged_path(record.info.area, &self.sha256);
-        std::fs::rename(partial, &path).map_err(|e| {
-            Error::io(
-                format!("renaming {} to {}", partial.display(), path.display()),
-                e,
-            )
-        })?;
+        let mut renames = vec![(partial.to_path_buf(), path.clone())];
+        if record.index_sha256.is_some() {
+            renames.push((index_path(partial), index_path(&path)));
+        }
+        // The index first: a copy is recorded only with its index in place.
+        for (from, to) in renames.iter().rev() {
+            std::fs::rename(from, to).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", from.display(), to.display()),
+                    e,
+                )
+            })?;
+        }
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -362,6 +387,7 @@ mod tests {
             format: ImageFormat::Zstd,
             last_used: at,
             boot_loader: None,
+            index_sha256: None,
         }
     }
 
@@ -383,6 +409,39 @@ mod tests {
         std::fs::create_dir_all(partial.parent().expect("dir")).expect("dir");
         std::fs::write(&partial, vec![7u8; record.info.staged_bytes as usize]).expect("partial");
         claim.commit(&partial, record).expect("commit");
+    }
+
+    #[test]
+    fn a_copy_staged_through_an_index_keeps_its_index_until_it_goes() {
+        let setup = setup();
+        let images = setup.open(10 * MIB);
+        let mut one = record(&sha(1), MIB, 0);
+        one.index_sha256 = Some(sha(9));
+        let partial = images.partial_path(StagingArea::StateDir, &sha(1));
+        std::fs::create_dir_all(partial.parent().expect("dir")).expect("dir");
+        std::fs::write(index_path(&partial), b"{}").expect("partial index");
+        stage(&images, &one);
+        let (index, index_sha) = images.index_of(&one).expect("the index is there");
+        assert_eq!(index_sha, sha(9));
+        assert!(
+            index.ends_with(format!("{}.staged.index.json", sha(1))),
+            "{index:?}"
+        );
+        assert!(!index_path(&partial).exists(), "renamed with the copy");
+        // An index left without its copy's record goes at start; a
+        // recorded copy's stays.
+        let stray = images.staged_path(StagingArea::StateDir, &sha(2));
+        std::fs::write(index_path(&stray), b"{}").expect("stray index");
+        drop(images);
+        let images = setup.open(10 * MIB);
+        assert!(images.index_of(&one).is_some(), "kept across a restart");
+        assert!(!index_path(&stray).exists(), "the stray index is removed");
+        assert!(images.remove(&sha(1)).expect("remove"));
+        assert!(!index.exists(), "removed with its copy");
+        // Without an index on record, none is offered.
+        let two = record(&sha(2), MIB, 0);
+        stage(&images, &two);
+        assert!(images.index_of(&two).is_none());
     }
 
     #[test]
