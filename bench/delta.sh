@@ -99,9 +99,7 @@ base="http://127.0.0.1:$port"
 for _ in $(seq 100); do python3 -c "import urllib.request; urllib.request.urlopen('$base/v1.img.zst.manifest.json')" 2>/dev/null && break; sleep 0.1; done
 
 dd if=/dev/zero of="$work/backing.img" bs=4M count=$(( (mibs + 64) / 4 )) oflag=direct conv=fsync status=none
-loopdev=$(losetup --find --show --direct-io=on "$work/backing.img")
-[ "$(cat "/sys/block/${loopdev#/dev/}/loop/dio")" = 1 ] || {
-    echo "bench/delta.sh: $loopdev did not get direct I/O" >&2; exit 1; }
+loopdev=$(bench/attach.sh "$work/backing.img")
 
 write() { "$agent" write --manifest "$base/$1" --target "$loopdev" >"$work/last.out" 2>"$work/agent.log" || { cat "$work/agent.log" >&2; exit 1; }; }
 served() { awk -v p="$1" '$1 == p { n += $2 } END { print n + 0 }' "$work/www/.served"; }

@@ -76,9 +76,7 @@ bench_image() {
     # set up; the loop device reads and writes it with O_DIRECT.
     local disk_mib=$(( mibs + 64 ))
     dd if=/dev/zero of="$work/backing.img" bs=4M count=$(( disk_mib / 4 )) oflag=direct conv=fsync status=none
-    loopdev=$(losetup --find --show --direct-io=on "$work/backing.img")
-    [ "$(cat "/sys/block/${loopdev#/dev/}/loop/dio")" = 1 ] || {
-        echo "bench/write.sh: $loopdev did not get direct I/O" >&2; exit 1; }
+    loopdev=$(bench/attach.sh "$work/backing.img")
 
     local -A best=()
     for round in $(seq "$rounds"); do

@@ -260,6 +260,10 @@ pub struct FaultyDisk {
     /// Unmounted after the loop device is detached.
     session: Option<BackgroundSession>,
     mountpoint: tempfile::TempDir,
+    /// The device's `max_sectors_kb` before the clamp, put back before it
+    /// is detached: the value outlives `losetup -d`, and the next user of
+    /// that loop device (a benchmark) must not inherit 128 KiB requests.
+    unclamped: Option<(PathBuf, String)>,
 }
 
 impl FaultyDisk {
@@ -306,8 +310,11 @@ impl FaultyDisk {
             shared,
             session: Some(session),
             mountpoint,
+            unclamped: None,
         };
-        disk.device = attach_clamped(&file_path)?;
+        let (device, unclamped) = attach_clamped(&file_path)?;
+        disk.device = device;
+        disk.unclamped = Some(unclamped);
         Ok(disk)
     }
 
@@ -352,6 +359,9 @@ impl FaultyDisk {
 impl Drop for FaultyDisk {
     fn drop(&mut self) {
         self.set(Faults::default());
+        if let Some((knob, value)) = &self.unclamped {
+            let _ = std::fs::write(knob, value);
+        }
         if !self.device.as_os_str().is_empty() {
             let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
         }
@@ -379,8 +389,9 @@ impl Drop for FaultyDisk {
     }
 }
 
-/// `losetup` over `file`, with requests clamped to 128 KiB (see the module docs).
-fn attach_clamped(file: &Path) -> Result<PathBuf, String> {
+/// `losetup` over `file`, with requests clamped to 128 KiB (see the module
+/// docs); also returns the clamp's knob and the value it had.
+fn attach_clamped(file: &Path) -> Result<(PathBuf, (PathBuf, String)), String> {
     let output = Command::new("losetup")
         .args(["--find", "--show"])
         .arg(file)
@@ -397,10 +408,14 @@ fn attach_clamped(file: &Path) -> Result<PathBuf, String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let clamp = format!("/sys/block/{name}/queue/max_sectors_kb");
-    if let Err(e) = std::fs::write(&clamp, "128") {
-        let _ = Command::new("losetup").arg("-d").arg(&device).status();
-        return Err(format!("clamping {clamp}: {e}"));
+    let clamp = PathBuf::from(format!("/sys/block/{name}/queue/max_sectors_kb"));
+    let before = std::fs::read_to_string(&clamp).map(|v| v.trim().to_string());
+    let clamped = before.and_then(|before| std::fs::write(&clamp, "128").map(|()| before));
+    match clamped {
+        Ok(before) => Ok((device, (clamp, before))),
+        Err(e) => {
+            let _ = Command::new("losetup").arg("-d").arg(&device).status();
+            Err(format!("clamping {}: {e}", clamp.display()))
+        }
     }
-    Ok(device)
 }

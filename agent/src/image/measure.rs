@@ -166,6 +166,20 @@ mod tests {
     }
 
     #[test]
+    fn an_outline_holds_the_head_and_caps_the_size_without_hashing() {
+        let data: Vec<u8> = (0..HEAD_LEN + 10).map(|i| (i % 7) as u8).collect();
+        let mut outline = Outline::new(Some(data.len() as u64));
+        outline.update(&data[..100]).expect("within the cap");
+        assert_eq!(outline.full_head(), None);
+        outline.update(&data[100..]).expect("exactly the size");
+        assert_eq!(outline.full_head(), Some(&data[..HEAD_LEN]));
+        let err = outline.update(&[0]).expect_err("past the cap");
+        assert_eq!(err.code(), "ImageSizeMismatch");
+        let measured = Outline::new(None).finish("ab".repeat(32));
+        assert_eq!((measured.size, measured.sha256.len()), (0, 64));
+    }
+
+    #[test]
     fn a_short_image_is_all_head() {
         let mut measure = Measure::new(None);
         measure.update(b"tiny").expect("no cap");
