@@ -27,7 +27,7 @@ echo "== making a ${gib} GiB image"
 sha=$(bench/make-image.sh "$work" "$gib")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 image_port=$(free_port)
-python3 -m http.server "$image_port" --bind 127.0.0.1 --directory "$work" >/dev/null 2>&1 &
+python3 tests/support/range_server.py "$image_port" "$work" >/dev/null 2>&1 &
 pids+=($!)
 url="http://127.0.0.1:$image_port/os.img.zst"
 

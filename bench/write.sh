@@ -5,6 +5,8 @@
 #   - the loop device runs with --direct-io=on over a backing file written
 #     in full beforehand, so no host page cache sits between a tool and the
 #     "disk" and no write allocates blocks;
+#   - the image server (tests/support/range_server.py) sends with
+#     sendfile(2), so it takes almost no CPU from the peers on this host;
 #   - every peer is durable (dd conv=fsync, O_DIRECT where it has it;
 #     bmaptool fsyncs at its end);
 #   - best of 3, the peers interleaved round by round; timings on a shared
@@ -47,7 +49,9 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-python3 -m http.server "$port" --bind 127.0.0.1 --directory "$work" >/dev/null 2>&1 &
+# sendfile(2) keeps the server off the CPU the peers share (a node and its
+# image server are different machines).
+python3 tests/support/range_server.py "$port" "$work" >/dev/null 2>&1 &
 server_pid=$!
 
 seconds() { local start; start=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $start" | bc -l; }
