@@ -24,7 +24,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 echo "== making a ${gib} GiB image"
-sha=$(bench/make-image.sh "$work" "$gib")
+sha=$(bench/make-image.sh "$work" "$(( gib * 1024 ))" half-zero)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 image_port=$(free_port)
 python3 tests/support/range_server.py "$image_port" "$work" >/dev/null 2>&1 &

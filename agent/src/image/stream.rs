@@ -10,9 +10,9 @@
 //! A decoded chunk is shared, read-only, by the writer and the SHA-256
 //! thread, and goes back to the pool when both are done with it: the disk
 //! is written while the same bytes are hashed, so a write costs the slowest
-//! of decoding, hashing and disk I/O rather than their sum, and the
-//! read-back can start before the last chunk is hashed. The bytes written
-//! are the bytes hashed: nobody can change a chunk once it is shared.
+//! of decoding, hashing and disk I/O rather than their sum. The bytes
+//! written are the bytes hashed: nobody can change a chunk once it is
+//! shared.
 
 use crate::disk::aligned::AlignedBuf;
 use crate::image::measure::{Measured, Outline};

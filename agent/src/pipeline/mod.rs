@@ -12,10 +12,9 @@
 //! Decoding, SHA-256 and the disk I/O each run on their own thread
 //! ([`MeasuredStream`]): a chunk is written while the same bytes are hashed.
 //! The read-back checks every chunk written against an XXH3-128 digest
-//! taken from the very bytes the SHA-256 measured ([`WrittenChunks`]), several
-//! reads in flight, and starts while the last chunks are still being
-//! hashed: one SHA-256 pass, and the disk still holds the bytes that hashed
-//! to the expected SHA-256. Nothing is committed before both held.
+//! taken from the very bytes the SHA-256 measured ([`WrittenChunks`]),
+//! several reads in flight: one SHA-256 pass, and the disk still holds the
+//! bytes that hashed to the expected SHA-256.
 //!
 //! An image with a block index is written by [`delta`] where the target
 //! holds data: only the blocks that differ are fetched and written, and the
@@ -321,15 +320,14 @@ impl<'t> Job<'t> {
         self.check_fits(image.size.or(raw_length))?;
         tracing::info!(image = %image.location, %format, "writing image");
         let (written, mut stream) = self.stream(decoded, image.size, meter)?;
-        // Read back while the hashing thread hashes the last chunks.
-        let read_back = match request.read_back {
-            true => self.read_back(&written, meter),
-            false => Ok(()),
-        };
+        // The hashing thread is at most the pool's few chunks behind: wait
+        // for it, so that the read-back's buffers never add to the pool's.
         let measured = stream.finish()?;
-        // A bad image is the cause whatever the read-back found.
+        drop(stream);
         check_image(measured.size, &measured.sha256, image)?;
-        read_back?;
+        if request.read_back {
+            self.read_back(&written, meter)?;
+        }
         let streamed = Streamed {
             head: measured.head,
             size: measured.size,
