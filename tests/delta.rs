@@ -79,6 +79,28 @@ impl Lab {
         Some(lab)
     }
 
+    /// A daemon whose target is the lab's disk, staging under its state
+    /// directory.
+    fn daemon(&self) -> Daemon {
+        let config = write_config(self.dir.path(), "");
+        stage_in_state_dir(&config);
+        Daemon::start(&config)
+    }
+
+    /// Reimages `daemon`'s node with v2 by its manifest; the operation,
+    /// which must have succeeded.
+    fn reimage_to_v2(&self, daemon: &Daemon) -> serde_json::Value {
+        let (status, body) = daemon.post(
+            "/v1/node/reimage",
+            ADMIN,
+            json!({"nodeReimageOption": "terminate", "manifestUrl": self.manifest("v2")}),
+        );
+        assert_eq!(status, 202, "{body}");
+        let operation = daemon.wait_operation(body["id"].as_str().expect("operation id"));
+        assert_eq!(operation["status"], "Succeeded", "{operation}");
+        operation
+    }
+
     fn manifest(&self, name: &str) -> String {
         self.server.url(&format!("/{name}.img.zst.manifest.json"))
     }
@@ -515,19 +537,9 @@ fn the_daemon_reimages_through_the_index_and_its_record_counts_what_moved() {
     let Some(lab) = Lab::new("a daemon reimage through the block index") else {
         return;
     };
-    // The agent's target is the lab's disk.
-    let config = write_config(lab.dir.path(), "");
-    let daemon = Daemon::start(&config);
+    let daemon = lab.daemon();
     lab.server.clear_requests();
-    let (status, body) = daemon.post(
-        "/v1/node/reimage",
-        ADMIN,
-        json!({"nodeReimageOption": "terminate", "manifestUrl": lab.manifest("v2")}),
-    );
-    assert_eq!(status, 202, "{body}");
-    let id = body["id"].as_str().expect("operation id");
-    let operation = daemon.wait_operation(id);
-    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let operation = lab.reimage_to_v2(&daemon);
     lab.assert_holds(&lab.v2);
     let progress = &operation["progress"];
     let image = IMAGE_MIB * MIB;
@@ -558,9 +570,7 @@ fn a_prefetch_on_a_node_holding_v1_fetches_only_what_v2_changed_and_the_reimage_
     let Some(lab) = Lab::new("a prefetch through the block index") else {
         return;
     };
-    let config = write_config(lab.dir.path(), "");
-    stage_in_state_dir(&config);
-    let daemon = Daemon::start(&config);
+    let daemon = lab.daemon();
     lab.server.clear_requests();
     let (status, body) = daemon.post(
         "/v1/images/prefetch",
@@ -601,14 +611,7 @@ fn a_prefetch_on_a_node_holding_v1_fetches_only_what_v2_changed_and_the_reimage_
     );
 
     lab.server.clear_requests();
-    let (status, body) = daemon.post(
-        "/v1/node/reimage",
-        ADMIN,
-        json!({"nodeReimageOption": "terminate", "manifestUrl": lab.manifest("v2")}),
-    );
-    assert_eq!(status, 202, "{body}");
-    let operation = daemon.wait_operation(body["id"].as_str().expect("operation id"));
-    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let operation = lab.reimage_to_v2(&daemon);
     assert_eq!(
         lab.server.requests().len(),
         0,

@@ -239,7 +239,7 @@ pub fn stage(
 /// against `image`, and checks that its layout fits `target` beside the
 /// saved partitions. Nothing on `target` is written. On failure `dest` is
 /// removed.
-pub fn stage_image(
+fn stage_image(
     source: Source,
     image: &ImageRequest,
     dest: &Path,
@@ -277,7 +277,7 @@ pub fn stage_image(
 /// ([`staged_index_path`]) and returns its SHA-256 with the staged image.
 /// `Ok(None)`: the source does not honour `Range` (nothing staged). Nothing
 /// on `target` is written; on failure `dest` and its index are removed.
-pub fn stage_from_disk(
+fn stage_from_disk(
     fetch: &mut BlockFetch<'_>,
     image: &ImageRequest,
     dest: &Path,
