@@ -35,6 +35,7 @@ use crate::disk::sink::{self, DiskSink};
 use crate::image::block_index::IndexRef;
 use crate::image::digest::parse_sha256_hex;
 use crate::image::http::HttpOptions;
+use crate::image::measure::Measured;
 use crate::image::source::{self, Location};
 use crate::image::stream::{MeasuredStream, Piece};
 use crate::image::{decode, manifest};
@@ -226,7 +227,7 @@ struct Streamed {
     blocks: Option<BlockCounts>,
 }
 
-/// What streaming wrote, before the hash is known.
+/// What streaming wrote, to be read back.
 struct Written {
     /// Bytes streamed, the held head included.
     size: u64,
@@ -319,11 +320,7 @@ impl<'t> Job<'t> {
         let raw_length = encoded_length.filter(|_| format == ImageFormat::Raw);
         self.check_fits(image.size.or(raw_length))?;
         tracing::info!(image = %image.location, %format, "writing image");
-        let (written, mut stream) = self.stream(decoded, image.size, meter)?;
-        // The hashing thread is at most the pool's few chunks behind: wait
-        // for it, so that the read-back's buffers never add to the pool's.
-        let measured = stream.finish()?;
-        drop(stream);
+        let (written, measured) = self.stream(decoded, image.size, meter)?;
         check_image(measured.size, &measured.sha256, image)?;
         if request.read_back {
             self.read_back(&written, meter)?;
@@ -353,13 +350,13 @@ impl<'t> Job<'t> {
     /// decode → outline → sink, with the SHA-256 on its own thread (see
     /// [`MeasuredStream`]); the first MiB is held back, and every chunk
     /// written is recorded for the read-back. Returns once everything but
-    /// the head is written and synced, with the stream still hashing.
+    /// the head is written and synced and the last chunk is hashed.
     fn stream(
         &self,
         decoded: Box<dyn Read + Send>,
         expected_size: Option<u64>,
         meter: &mut ProgressMeter<'_>,
-    ) -> Result<(Written, MeasuredStream)> {
+    ) -> Result<(Written, Measured)> {
         let mut pieces = MeasuredStream::spawn(decoded, expected_size)?;
         let mut sink: Option<DiskSink<'_>> = None;
         let mut chunks = WrittenChunks::new();
@@ -391,6 +388,9 @@ impl<'t> Job<'t> {
         // The head always comes before the end, so the sink exists.
         let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
         sink.finish()?;
+        // The hashing thread is at most the pool's few chunks behind, and
+        // waiting for it frees the pool before the read-back's buffers.
+        let measured = pieces.finish()?;
         meter.finish_phase(position);
         let written = Written {
             size: position,
@@ -398,7 +398,7 @@ impl<'t> Job<'t> {
             zeroed: sink.zeroed_bytes(),
             chunks,
         };
-        Ok((written, pieces))
+        Ok((written, measured))
     }
 
     /// Runs once the head is known, before anything is written: a merge of
