@@ -1,63 +1,36 @@
-//! A buffer whose start is aligned for O_DIRECT.
+//! A heap buffer whose start is aligned for O_DIRECT.
 
-use nix::sys::mman::{self, MapFlags, ProtFlags};
-use std::alloc::Layout;
-use std::ffi::c_void;
 use std::fmt;
-use std::num::NonZeroUsize;
 use std::ops::{Deref, DerefMut};
-use std::ptr::NonNull;
 
 /// Alignment of [`AlignedBuf`] and of the offsets and lengths that go through
 /// O_DIRECT. 4096 covers every logical block size in use (512 and 4096).
 pub const ALIGNMENT: usize = 4096;
 
-/// A buffer whose first byte is aligned to [`ALIGNMENT`], as O_DIRECT
+/// A heap buffer whose first byte is aligned to [`ALIGNMENT`], as O_DIRECT
 /// requires of the memory it transfers.
 ///
-/// Its pages are an anonymous mapping of their own rather than heap memory:
-/// they are page-aligned by construction, zero until written, and go back
-/// to the kernel when the buffer is dropped. The write pipeline's 4 MiB
-/// buffers come and go on different threads; from the heap, each thread's
-/// malloc arena kept them after they were freed, and the daemon's resident
-/// memory grew with every operation.
+/// Built from a `Vec<u8>` over-allocated by one alignment unit, so no unsafe
+/// allocation code is needed: the heap block of a `Vec` that never grows does
+/// not move, so the aligned offset into it stays valid.
 pub struct AlignedBuf {
-    /// The mapping; `None` for a buffer of no bytes.
-    pages: Option<NonNull<c_void>>,
+    storage: Vec<u8>,
+    start: usize,
     capacity: usize,
     len: usize,
 }
 
-// SAFETY: the mapping is owned by this buffer alone (no other pointer to it
-// exists), so it moves between threads and is shared read-only like a Vec.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: as above; `&AlignedBuf` only reads.
-unsafe impl Sync for AlignedBuf {}
-
 impl AlignedBuf {
     /// A zero-filled buffer of `capacity` bytes rounded up to a multiple of
-    /// [`ALIGNMENT`]. Its length starts at the full capacity. Out of memory,
-    /// it aborts as a `Vec` does.
+    /// [`ALIGNMENT`]. Its length starts at the full capacity.
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.next_multiple_of(ALIGNMENT);
-        let pages = NonZeroUsize::new(capacity).map(|length| {
-            // SAFETY: a fresh private anonymous mapping aliases nothing.
-            let mapped = unsafe {
-                mman::mmap_anonymous(
-                    None,
-                    length,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_PRIVATE,
-                )
-            };
-            mapped.unwrap_or_else(|_| {
-                std::alloc::handle_alloc_error(
-                    Layout::from_size_align(capacity, ALIGNMENT).unwrap_or(Layout::new::<u8>()),
-                )
-            })
-        });
+        let storage = vec![0u8; capacity + ALIGNMENT];
+        let misalignment = storage.as_ptr().addr() % ALIGNMENT;
+        let start = (ALIGNMENT - misalignment) % ALIGNMENT;
         AlignedBuf {
-            pages,
+            storage,
+            start,
             capacity,
             len: capacity,
         }
@@ -65,25 +38,12 @@ impl AlignedBuf {
 
     /// The bytes in use: `[0, len)`.
     pub fn as_slice(&self) -> &[u8] {
-        match self.pages {
-            // SAFETY: the mapping holds `capacity` readable bytes, `len` is
-            // at most that, and it lives as long as `self`.
-            Some(pages) => unsafe {
-                std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), self.len)
-            },
-            None => &[],
-        }
+        &self.storage[self.start..self.start + self.len]
     }
 
     /// The bytes in use: `[0, len)`, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        match self.pages {
-            // SAFETY: as in `as_slice`; `&mut self` makes the access unique.
-            Some(pages) => unsafe {
-                std::slice::from_raw_parts_mut(pages.as_ptr().cast::<u8>(), self.len)
-            },
-            None => &mut [],
-        }
+        &mut self.storage[self.start..self.start + self.len]
     }
 
     /// Sets how many bytes are in use. Bytes exposed by growing keep whatever
@@ -103,16 +63,6 @@ impl AlignedBuf {
     /// How many bytes the buffer can hold, a multiple of [`ALIGNMENT`].
     pub fn capacity(&self) -> usize {
         self.capacity
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if let Some(pages) = self.pages.take() {
-            // SAFETY: the mapping of `capacity` bytes is this buffer's, and
-            // no slice of it outlives `self`. A failed munmap leaks it.
-            let _ = unsafe { mman::munmap(pages, self.capacity) };
-        }
     }
 }
 
@@ -181,17 +131,6 @@ mod tests {
         let moved = buf;
         assert!(is_aligned(&moved));
         assert_eq!(moved.len(), 100);
-    }
-
-    #[test]
-    fn a_new_buffer_reads_as_zeros_and_a_reused_one_keeps_its_bytes() {
-        let mut buf = AlignedBuf::new(3 * ALIGNMENT);
-        assert!(buf.iter().all(|&b| b == 0));
-        buf.as_mut_slice()[ALIGNMENT + 5] = 9;
-        buf.set_len(0);
-        buf.set_len(3 * ALIGNMENT);
-        assert_eq!(buf[ALIGNMENT + 5], 9);
-        assert_eq!(AlignedBuf::new(0).as_slice(), &[] as &[u8]);
     }
 
     #[test]
