@@ -68,7 +68,7 @@ prefill() {
 # One image: KIND MIB. Appends its table row to $work/rows.
 bench_image() {
     local kind=$1 mibs=$2 sha url allocated floor_mib rss_kib=0
-    sha=$(bench/make-image.sh "$work" "$mibs" "$kind")
+    sha=$(BMAP=1 bench/make-image.sh "$work" "$mibs" "$kind")
     url="http://127.0.0.1:$port/os.img.zst"
     for _ in $(seq 100); do curl -sfI "$url" >/dev/null && break; sleep 0.1; done
     # The non-zero bytes, as the sparse raw image holds them.

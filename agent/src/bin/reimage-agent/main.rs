@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    reimage_agent::disk::aligned::give_large_buffers_their_own_pages();
     // Installed as /run/initramfs/shutdown, systemd-shutdown runs this
     // binary as PID 1 with argv[0] "/shutdown".
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
