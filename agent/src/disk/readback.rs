@@ -11,7 +11,7 @@
 
 use crate::disk::aligned::AlignedBuf;
 use crate::disk::device::Target;
-use crate::disk::sink::is_zero;
+use crate::image::survey::{Survey, is_zero};
 use crate::progress::ProgressMeter;
 use crate::{Error, Result};
 use std::ops::Range;
@@ -55,15 +55,19 @@ impl WrittenChunks {
 
     /// Records `data`, just written at `offset` of the target.
     pub fn record(&mut self, offset: u64, data: &[u8]) {
-        // Block by block, so a chunk of data stops at its first block.
-        let expected = if data.chunks(4096).all(is_zero) {
+        self.record_surveyed(offset, &Survey::of(data));
+    }
+
+    /// Records the chunk `survey` describes, just written at `offset`.
+    pub fn record_surveyed(&mut self, offset: u64, survey: &Survey) {
+        let expected = if survey.all_zero() {
             Expected::Zeros
         } else {
-            Expected::Digest(xxh3_128(data))
+            Expected::Digest(survey.digest())
         };
         self.chunks.push(Chunk {
             offset,
-            len: data.len(),
+            len: survey.len(),
             expected,
         });
     }

@@ -111,7 +111,7 @@ pub struct IndexRef {
 pub fn describe(raw: &[u8]) -> (String, bool) {
     (
         blake3::hash(raw).to_hex().to_string(),
-        crate::disk::sink::is_zero(raw),
+        crate::image::survey::is_zero(raw),
     )
 }
 

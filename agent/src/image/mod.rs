@@ -14,3 +14,4 @@ pub mod ranges;
 pub mod signing;
 pub mod source;
 pub mod stream;
+pub mod survey;

@@ -2,22 +2,25 @@
 //! buffers so memory stays constant whatever the image size:
 //!
 //! ```text
-//! decoder thread → [filled] → outline (size cap, held-back head; the caller)
-//!   ├→ the writer (the caller)       ┐
-//!   └→ [hashing] → SHA-256 thread    ┴→ both done with a chunk → [free] → decoder
+//! decoder thread (decodes and surveys) → [filled] → outline (size cap,
+//!   │                                     held-back head; the caller)
+//!   ├→ the sink (the caller) → its writer threads  ┐
+//!   └→ [hashing] → SHA-256 thread                  ┴→ all done with a chunk → [free] → decoder
 //! ```
 //!
-//! A decoded chunk is shared, read-only, by the writer and the SHA-256
-//! thread, and goes back to the pool when both are done with it: the disk
+//! A decoded chunk is shared, read-only, by the sink and the SHA-256
+//! thread, and goes back to the pool when all are done with it: the disk
 //! is written while the same bytes are hashed, so a write costs the slowest
 //! of decoding, hashing and disk I/O rather than their sum. The bytes
 //! written are the bytes hashed: nobody can change a chunk once it is
-//! shared.
+//! shared. Its [`Survey`] (zero blocks, digest for the read-back) is taken
+//! by the decoder as it fills the buffer, so it describes the same bytes.
 
 use crate::disk::aligned::AlignedBuf;
-use crate::image::measure::{Measured, Outline};
+use crate::image::measure::{ImageSha256, Measured, Outline};
+use crate::image::survey::{Survey, Surveyor};
 use crate::{Error, Result};
-use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::io::Read;
 use std::ops::Deref;
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -26,6 +29,9 @@ use std::thread::{self, JoinHandle};
 
 /// Size of one buffer: large writes for O_DIRECT, few channel hand-offs.
 pub const CHUNK_SIZE: usize = 4 << 20;
+/// The most decoded in one read: small enough to still be in the decoder's
+/// cache (L2) when it is surveyed.
+const SURVEY_PIECE: usize = 256 << 10;
 /// Buffers in flight: enough for the decoder to run a chunk ahead of the
 /// writer and the hasher, and for either of those to run a few chunks
 /// ahead of the other (24 MiB in all).
@@ -58,6 +64,8 @@ impl Pool {
 /// A buffer of decoded image bytes, back to its pool when dropped.
 struct Pooled {
     buffer: Option<AlignedBuf>,
+    /// Taken by the decoder as it filled the buffer.
+    survey: Survey,
     pool: Arc<Pool>,
 }
 
@@ -79,6 +87,39 @@ impl Deref for Chunk {
 
     fn deref(&self) -> &[u8] {
         self.0.buffer.as_deref().unwrap_or_default()
+    }
+}
+
+impl Chunk {
+    /// Its zero blocks and digest, as the decoder found them.
+    pub fn survey(&self) -> &Survey {
+        &self.0.survey
+    }
+
+    /// The survey of `self[from..]`: the decoder's for all of it, else taken
+    /// now (only the chunk holding the end of the held head needs that).
+    pub fn survey_from(&self, from: usize) -> Cow<'_, Survey> {
+        if from == 0 {
+            Cow::Borrowed(self.survey())
+        } else {
+            Cow::Owned(Survey::of(&self[from..]))
+        }
+    }
+
+    /// A chunk of a copy of `bytes`, belonging to no pool.
+    #[cfg(test)]
+    pub(crate) fn unpooled(bytes: &[u8]) -> Chunk {
+        let mut buffer = AlignedBuf::new(bytes.len());
+        buffer.set_len(bytes.len());
+        buffer.copy_from_slice(bytes);
+        let pool = Arc::new(Pool {
+            free: Mutex::new(None),
+        });
+        Chunk(Arc::new(Pooled {
+            survey: Survey::of(&buffer),
+            buffer: Some(buffer),
+            pool,
+        }))
     }
 }
 
@@ -265,11 +306,11 @@ fn hashing_stopped() -> Error {
 /// The SHA-256 of every chunk handed over, in order, until the channel
 /// closes; each chunk is dropped as soon as it is hashed.
 fn hash_chunks(chunks: Receiver<Chunk>) -> String {
-    let mut hasher = Sha256::new();
+    let mut hasher = ImageSha256::default();
     for chunk in chunks {
         hasher.update(&chunk[..]);
     }
-    hex::encode(hasher.finalize())
+    hasher.finish()
 }
 
 fn read_chunks(
@@ -280,10 +321,11 @@ fn read_chunks(
 ) {
     while let Ok(mut buffer) = free.recv() {
         match fill(&mut decoded, &mut buffer) {
-            Ok(0) => return,
-            Ok(_) => {
+            Ok((0, _)) => return,
+            Ok((_, survey)) => {
                 let chunk = Chunk(Arc::new(Pooled {
                     buffer: Some(buffer),
+                    survey,
                     pool: Arc::clone(pool),
                 }));
                 if filled.send(Ok(chunk)).is_err() {
@@ -298,21 +340,28 @@ fn read_chunks(
     }
 }
 
-/// Fills `buffer` completely unless the image ends first.
-fn fill(decoded: &mut dyn Read, buffer: &mut AlignedBuf) -> Result<usize> {
+/// Fills `buffer` completely unless the image ends first, and surveys it:
+/// a piece of at most [`SURVEY_PIECE`] bytes at a time, each looked at
+/// right after it was decoded, while it is in this core's cache.
+fn fill(decoded: &mut dyn Read, buffer: &mut AlignedBuf) -> Result<(usize, Survey)> {
     let capacity = buffer.capacity();
     buffer.set_len(capacity);
+    let mut surveyor = Surveyor::default();
     let mut len = 0;
     while len < capacity {
-        match decoded.read(&mut buffer[len..]) {
+        let end = (len + SURVEY_PIECE).min(capacity);
+        match decoded.read(&mut buffer[len..end]) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => {
+                len += n;
+                surveyor.advance(&buffer[..len]);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::from_io(e, "reading the image")),
         }
     }
     buffer.set_len(len);
-    Ok(len)
+    Ok((len, surveyor.finish(buffer)))
 }
 
 #[cfg(test)]
@@ -328,7 +377,8 @@ mod tests {
 
     #[test]
     fn chunks_are_full_except_the_last_and_concatenate_to_the_input() {
-        let data = pattern(CHUNK_SIZE * 2 + 1234);
+        let mut data = pattern(CHUNK_SIZE * 2 + 1234);
+        data[CHUNK_SIZE + 8192..CHUNK_SIZE * 2 - 4096].fill(0);
         let mut stream =
             ChunkStream::spawn(Box::new(io::Cursor::new(data.clone()))).expect("spawns");
         let mut out = Vec::new();
@@ -336,6 +386,12 @@ mod tests {
         while let Some(chunk) = stream.next_chunk() {
             let chunk = chunk.expect("reads");
             sizes.push(chunk.len());
+            assert_eq!(chunk.survey(), &Survey::of(&chunk), "surveyed as decoded");
+            let from = chunk.len().min(4096);
+            assert_eq!(
+                chunk.survey_from(from).into_owned(),
+                Survey::of(&chunk[from..])
+            );
             out.extend_from_slice(&chunk);
         }
         assert_eq!(sizes, vec![CHUNK_SIZE, CHUNK_SIZE, 1234]);
@@ -374,6 +430,7 @@ mod tests {
         });
         let chunk = Chunk(Arc::new(Pooled {
             buffer: Some(AlignedBuf::new(4096)),
+            survey: Survey::of(&[0; 4096]),
             pool: Arc::clone(&pool),
         }));
         let clone = chunk.clone();
@@ -386,6 +443,7 @@ mod tests {
         );
         let after_close = Chunk(Arc::new(Pooled {
             buffer: Some(AlignedBuf::new(4096)),
+            survey: Survey::of(&[0; 4096]),
             pool: Arc::clone(&pool),
         }));
         pool.close();

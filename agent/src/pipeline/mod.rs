@@ -45,6 +45,7 @@ use reimage_protocol::{ImageFormat, Phase, WriteProgress};
 use std::cell::Cell;
 use std::io::Read;
 use std::path::PathBuf;
+use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 /// The image to write and what it must turn out to be.
@@ -358,36 +359,42 @@ impl<'t> Job<'t> {
         meter: &mut ProgressMeter<'_>,
     ) -> Result<(Written, Measured)> {
         let mut pieces = MeasuredStream::spawn(decoded, expected_size)?;
-        let mut sink: Option<DiskSink<'_>> = None;
         let mut chunks = WrittenChunks::new();
         let mut head_len = 0;
         let mut position = 0u64;
         meter.phase(Phase::Downloading, expected_size);
-        loop {
-            match pieces.next_piece().ok_or_else(stream_cut_off)?? {
-                Piece::Head(head) => {
-                    self.check_merge(&head, expected_size)?;
-                    self.reset_table_before_writing()?;
-                    head_len = head.len() as u64;
-                    sink = Some(self.sink());
-                }
-                Piece::Chunk(chunk) => {
-                    let held = (HEAD_LEN as u64).saturating_sub(position);
-                    let held = held.min(chunk.len() as u64) as usize;
-                    if held < chunk.len() {
-                        let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
-                        sink.write(&chunk[held..])?;
-                        chunks.record(position + held as u64, &chunk[held..]);
+        // The sink's writer threads end with this scope: whatever happens,
+        // nothing is still writing once it returns.
+        let zeroed = std::thread::scope(|scope| {
+            let mut sink: Option<DiskSink<'_>> = None;
+            loop {
+                match pieces.next_piece().ok_or_else(stream_cut_off)?? {
+                    Piece::Head(head) => {
+                        self.check_merge(&head, expected_size)?;
+                        self.reset_table_before_writing()?;
+                        head_len = head.len() as u64;
+                        sink = Some(self.sink(scope)?);
                     }
-                    position += chunk.len() as u64;
-                    meter.update(position);
+                    Piece::Chunk(chunk) => {
+                        let held = (HEAD_LEN as u64).saturating_sub(position);
+                        let held = held.min(chunk.len() as u64) as usize;
+                        if held < chunk.len() {
+                            let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
+                            let survey = chunk.survey_from(held);
+                            sink.write(&chunk, held, &survey)?;
+                            chunks.record_surveyed(position + held as u64, &survey);
+                        }
+                        position += chunk.len() as u64;
+                        meter.update(position);
+                    }
+                    Piece::End => break,
                 }
-                Piece::End => break,
             }
-        }
-        // The head always comes before the end, so the sink exists.
-        let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
-        sink.finish()?;
+            // The head always comes before the end, so the sink exists.
+            let sink = sink.as_mut().ok_or_else(stream_cut_off)?;
+            sink.finish()?;
+            Ok::<_, Error>(sink.zeroed_bytes())
+        })?;
         // The hashing thread is at most the pool's few chunks behind, and
         // waiting for it frees the pool before the read-back's buffers.
         let measured = pieces.finish()?;
@@ -395,7 +402,7 @@ impl<'t> Job<'t> {
         let written = Written {
             size: position,
             head_len,
-            zeroed: sink.zeroed_bytes(),
+            zeroed,
             chunks,
         };
         Ok((written, measured))
@@ -424,10 +431,12 @@ impl<'t> Job<'t> {
         self.target.sync()
     }
 
-    /// The sink for the image's bytes past the held head.
-    fn sink(&self) -> DiskSink<'t> {
+    /// The sink for the image's bytes past the held head, its writer
+    /// threads in `scope`.
+    fn sink<'scope>(&self, scope: &'scope Scope<'scope, 't>) -> Result<DiskSink<'scope>> {
         let capacity = (!self.growable).then(|| self.target.size());
         DiskSink::new(
+            scope,
             self.target,
             HEAD_LEN as u64,
             self.saved.protected_ranges(),
