@@ -221,6 +221,16 @@ impl<'scope> DiskSink<'scope> {
     }
 }
 
+impl Drop for DiskSink<'_> {
+    /// A sink dropped unfinished (the write failed elsewhere) drops the
+    /// work still queued: its writers finish only what they are doing.
+    fn drop(&mut self) {
+        if self.work.is_some() {
+            self.outcome.failed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// A writer thread: takes work until the sink closes the queue, dropping
 /// what is left once any writer has failed.
 fn do_work(target: &Target, queue: &Mutex<Receiver<Work>>, outcome: &Outcome) {

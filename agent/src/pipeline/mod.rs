@@ -9,8 +9,9 @@
 //! Until the last step the disk's partition table holds only the saved
 //! partitions, so a corrupt, truncated or half-written image never boots.
 //!
-//! Decoding, SHA-256 and the disk I/O each run on their own thread
-//! ([`MeasuredStream`]): a chunk is written while the same bytes are hashed.
+//! Decoding, SHA-256 and the disk I/O each run on their own threads
+//! ([`MeasuredStream`], [`DiskSink`]): a chunk is written while the same
+//! bytes are hashed.
 //! The read-back checks every chunk written against an XXH3-128 digest
 //! taken from the very bytes the SHA-256 measured ([`WrittenChunks`]),
 //! several reads in flight: one SHA-256 pass, and the disk still holds the
