@@ -21,6 +21,10 @@
 # Ratios are time / floor (below 1: faster than writing and reading back the
 # data serially). Also prints the agent's peak RSS. Needs root.
 # BENCH_MIB="1024 512" sets the two image sizes (half-zero, random).
+# BENCH_DISK_MBPS=N caps the loop device's reads and writes at N MB/s each
+# (blk-throttle, through the blkio or io cgroup controller), for the same
+# comparison on a disk slower than this machine's, one that the CPU can
+# keep up with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +45,12 @@ work=$(mktemp -d /var/tmp/reimage-bench.XXXXXX)
 shm=$(mktemp -d /dev/shm/reimage-bench.XXXXXX)
 server_pid=
 loopdev=
+group=
 cleanup() {
+    if [ -n "$group" ]; then
+        echo $$ > "$(dirname "$group")/cgroup.procs" 2>/dev/null || true
+        rmdir "$group" 2>/dev/null || true
+    fi
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
     [ -n "$loopdev" ] && losetup -d "$loopdev" 2>/dev/null || true
     rm -rf "$work" "$shm"
@@ -57,6 +66,26 @@ server_pid=$!
 seconds() { local start; start=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $start" | bc -l; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 min() { if [ -z "$1" ] || (( $(echo "$2 < $1" | bc -l) )); then echo "$2"; else echo "$1"; fi; }
+
+# With BENCH_DISK_MBPS, moves this shell (and so every peer it starts) into
+# a cgroup whose reads and writes of DEVICE are capped at that rate.
+throttle() {
+    [ -n "${BENCH_DISK_MBPS:-}" ] || return 0
+    local bps=$(( BENCH_DISK_MBPS * 1000000 )) dev
+    dev=$(lsblk -dno MAJ:MIN "$1" | tr -d ' ')
+    if [ -d /sys/fs/cgroup/blkio ]; then
+        group=/sys/fs/cgroup/blkio/reimage-bench
+        mkdir -p "$group"
+        echo "$dev $bps" > "$group/blkio.throttle.write_bps_device"
+        echo "$dev $bps" > "$group/blkio.throttle.read_bps_device"
+    else
+        group=/sys/fs/cgroup/reimage-bench
+        echo +io > /sys/fs/cgroup/cgroup.subtree_control
+        mkdir -p "$group"
+        echo "$dev rbps=$bps wbps=$bps" > "$group/io.max"
+    fi
+    echo $$ > "$group/cgroup.procs"
+}
 
 # Writes the whole device with data: the agent's zeroing punches holes in
 # the backing file (the loop device's write-zeroes), and the next peer must
@@ -81,6 +110,7 @@ bench_image() {
     local disk_mib=$(( mibs + 64 ))
     dd if=/dev/zero of="$work/backing.img" bs=4M count=$(( disk_mib / 4 )) oflag=direct conv=fsync status=none
     loopdev=$(bench/attach.sh "$work/backing.img")
+    throttle "$loopdev"
 
     local -A best=()
     for round in $(seq "$rounds"); do
@@ -125,7 +155,7 @@ bench_image() {
 bench_image half-zero "$half_mib"
 bench_image random "$random_mib"
 echo
-echo "best of $rounds, zstd -3 from 127.0.0.1 to a loop device (--direct-io=on); × = time / verified floor"
+echo "best of $rounds, zstd -3 from 127.0.0.1 to a loop device (--direct-io=on${BENCH_DISK_MBPS:+, reads and writes capped at $BENCH_DISK_MBPS MB/s}); × = time / verified floor"
 echo "| image | agent (SHA-256 + read-back) | curl\|zstd -dc\|dd oflag=direct conv=fsync | same with tee >(sha256sum) | bmaptool copy --bmap | verified floor |"
 echo "|---|---|---|---|---|---|"
 cat "$work/rows"
