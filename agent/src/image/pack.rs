@@ -1,6 +1,7 @@
 //! `image pack`: compress a raw image and write its manifest beside it.
 
 use crate::image::block_index::{self, BLOCK_SIZE, Block, BlockIndex};
+use crate::image::measure::ImageSha256;
 use crate::{Error, Result};
 use reimage_protocol::{BlockIndexRef, ImageFormat, ImageManifest};
 use sha2::{Digest, Sha256};
@@ -66,7 +67,7 @@ pub fn pack(raw: &Path, output: &Path, options: PackOptions) -> Result<ImageMani
         .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
     let mut hashing = HashingReader {
         inner: input,
-        hasher: Sha256::new(),
+        hasher: ImageSha256::default(),
         len: 0,
     };
     let out = BufWriter::with_capacity(1 << 20, out);
@@ -106,7 +107,7 @@ pub fn pack(raw: &Path, output: &Path, options: PackOptions) -> Result<ImageMani
         url: file_name(output),
         format,
         size: hashing.len,
-        sha256: hex::encode(hashing.hasher.finalize()),
+        sha256: hashing.hasher.finish(),
         block_index,
         boot: None,
     };
@@ -247,7 +248,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// Hashes and counts what passes through.
 struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: ImageSha256,
     len: u64,
 }
 
