@@ -321,8 +321,8 @@ fn read_chunks(
 ) {
     while let Ok(mut buffer) = free.recv() {
         match fill(&mut decoded, &mut buffer) {
-            Ok((0, _)) => return,
-            Ok((_, survey)) => {
+            Ok(survey) if survey.is_empty() => return,
+            Ok(survey) => {
                 let chunk = Chunk(Arc::new(Pooled {
                     buffer: Some(buffer),
                     survey,
@@ -340,10 +340,11 @@ fn read_chunks(
     }
 }
 
-/// Fills `buffer` completely unless the image ends first, and surveys it:
-/// a piece of at most [`SURVEY_PIECE`] bytes at a time, each looked at
-/// right after it was decoded, while it is in this core's cache.
-fn fill(decoded: &mut dyn Read, buffer: &mut AlignedBuf) -> Result<(usize, Survey)> {
+/// Fills `buffer` completely unless the image ends first, and returns its
+/// survey (whose length is the buffer's), taken a piece of at most
+/// [`SURVEY_PIECE`] bytes at a time, each looked at right after it was
+/// decoded, while it is in this core's cache.
+fn fill(decoded: &mut dyn Read, buffer: &mut AlignedBuf) -> Result<Survey> {
     let capacity = buffer.capacity();
     buffer.set_len(capacity);
     let mut surveyor = Surveyor::default();
@@ -361,7 +362,7 @@ fn fill(decoded: &mut dyn Read, buffer: &mut AlignedBuf) -> Result<(usize, Surve
         }
     }
     buffer.set_len(len);
-    Ok((len, surveyor.finish(buffer)))
+    Ok(surveyor.finish(buffer))
 }
 
 #[cfg(test)]
